@@ -1,0 +1,1 @@
+"""The seed's guided examples, ported to fastapi_bgtasks."""

@@ -1,0 +1,59 @@
+"""Durable background tasks for FastAPI and Starlette, with no broker to run.
+
+`bg = BgTasks()`, `@bg.task`, `await task.delay(...)` in a route, mount
+`bg.app`, run `python -m fastapi_bgtasks.worker`. See docs/ for the rest.
+"""
+
+from .app import BgTasks
+from .errors import (
+    AccessDenied,
+    BgTasksError,
+    ConfigurationError,
+    DuplicateTaskName,
+    IdempotencyConflict,
+    InvalidSchedule,
+    NotSerializable,
+    PayloadTooLarge,
+    RemoteError,
+    RunFinished,
+    RunNotFound,
+    SchemaError,
+    StoreUnavailable,
+    SubmitError,
+    TaskNotFound,
+    TaskRunFailed,
+)
+from .models import RunDocument, RunState
+from .submitter import Submitter
+from .taskrun import TaskRun
+from .tasks import Task
+from .worker.context import cancelled, current_run
+
+__all__ = [
+    "AccessDenied",
+    "BgTasks",
+    "BgTasksError",
+    "ConfigurationError",
+    "DuplicateTaskName",
+    "IdempotencyConflict",
+    "InvalidSchedule",
+    "NotSerializable",
+    "PayloadTooLarge",
+    "RemoteError",
+    "RunDocument",
+    "RunFinished",
+    "RunNotFound",
+    "RunState",
+    "SchemaError",
+    "StoreUnavailable",
+    "SubmitError",
+    "Submitter",
+    "Task",
+    "TaskRun",
+    "TaskRunFailed",
+    "__version__",
+    "cancelled",
+    "current_run",
+]
+
+__version__ = "0.1.0"

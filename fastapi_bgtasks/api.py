@@ -1,0 +1,167 @@
+"""The mounted ASGI app: the routes of submit, feed, reports and status under
+one FastAPI sub-app, the body limit, and one JSON error shape for all errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import BgTasksError, PayloadTooLarge
+from .feed import feed_router
+from .models import ErrorBody
+from .reports import reports_router
+from .status import status_router
+from .submitter import submit_router
+
+if TYPE_CHECKING:
+    from .app import BgTasks
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("fastapi_bgtasks.api")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413, without reading past it:
+    by Content-Length when given, by counting when streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(scope, receive, send)
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLarge(
+                        f"The request body is over {self.limit} bytes (max_body_bytes)."
+                    )
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLarge(f"The request body is over {self.limit} bytes (max_body_bytes).")
+        response = JSONResponse(error.to_body(), status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+def build_app(hub: BgTasks) -> ASGIApp:
+    api = FastAPI(
+        title="fastapi_bgtasks",
+        summary="Durable background tasks: submit, feed, reports and status.",
+        version="1",
+        redirect_slashes=False,
+    )
+
+    @api.exception_handler(BgTasksError)
+    async def on_bgtasks_error(_request: Request, exc: BgTasksError) -> JSONResponse:
+        return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        from fastapi.encoders import jsonable_encoder
+
+        body = {
+            "error": "invalid_request",
+            "message": "The request is not valid; see detail for each problem.",
+            "detail": jsonable_encoder(exc.errors()),
+        }
+        return JSONResponse(body, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = exc.detail if isinstance(exc.detail, dict) and "error" in exc.detail else None
+        if body is None:
+            body = {
+                "error": _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}"),
+                "message": str(exc.detail),
+                "detail": None,
+            }
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(ValidationError)
+    async def on_bad_arguments(_request: Request, exc: ValidationError) -> JSONResponse:
+        from fastapi.encoders import jsonable_encoder
+
+        body = {
+            "error": "invalid_arguments",
+            "message": "The arguments do not match the task's signature.",
+            "detail": jsonable_encoder(exc.errors(include_url=False)),
+        }
+        return JSONResponse(body, status_code=422)
+
+    api.include_router(submit_router(hub))
+    api.include_router(status_router(hub))
+    api.include_router(feed_router(hub))
+    api.include_router(reports_router(hub))
+
+    @api.get(
+        "/health",
+        summary="200 when the lifespan runs and the store answers, else 503",
+        responses={503: {"model": ErrorBody, "description": "Not ready"}},
+    )
+    async def health() -> dict[str, str]:
+        from .errors import StoreUnavailable
+
+        running = hub.running
+        if running is None:
+            raise StoreUnavailable("The app's lifespan is not running.")
+        import anyio
+
+        try:
+            with anyio.fail_after(2):
+                await running.store.ping()
+        except TimeoutError:
+            raise StoreUnavailable("The task store did not answer within 2 s.") from None
+        return {"status": "ok", "database": running.store.dialect}
+
+    return BodyLimit(api, hub.max_body_bytes)

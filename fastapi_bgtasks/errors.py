@@ -1,0 +1,190 @@
+"""The exceptions fastapi_bgtasks raises, and the one place that maps them to HTTP.
+
+Every error a caller can act on is a `BgTasksError`; its docstring is its
+default message and `status_code` / `code` say how the mounted API answers it::
+
+    BgTasksError
+    ├── ConfigurationError        a hub, task or worker set up wrongly (raised at import or start)
+    │   └── DuplicateTaskName     two different functions under one task name
+    ├── SchemaError               the database has no schema, or a newer one
+    ├── StoreUnavailable    503   the database cannot be reached
+    ├── SubmitError               a submission that cannot be stored
+    │   ├── TaskNotFound      404 no task of that name is registered
+    │   ├── InvalidSchedule   422 countdown with eta, a naive eta, a bad priority
+    │   ├── NotSerializable   422 arguments or a result JSON cannot carry
+    │   ├── PayloadTooLarge   413 a body, argument set or result over its limit
+    │   └── IdempotencyConflict 409 an idempotency key reused with other arguments
+    ├── RunNotFound           404 no run has that id (or the caller may not see it)
+    ├── RunFinished           409 the run already reached a terminal state
+    ├── AccessDenied          401 a missing or wrong credential
+    ├── TaskRunFailed             a run ended FAILED, CRASHED or CANCELLED
+    └── RemoteError               the mounted API answered with an error body
+
+Bad arguments raise pydantic's own `ValidationError` (a 422 over HTTP), so
+callers handle them the way they handle any pydantic model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AccessDenied",
+    "BgTasksError",
+    "ConfigurationError",
+    "DuplicateTaskName",
+    "IdempotencyConflict",
+    "InvalidSchedule",
+    "NotSerializable",
+    "PayloadTooLarge",
+    "RemoteError",
+    "RunFinished",
+    "RunNotFound",
+    "SchemaError",
+    "StoreUnavailable",
+    "SubmitError",
+    "TaskNotFound",
+    "TaskRunFailed",
+]
+
+
+class BgTasksError(Exception):
+    """fastapi_bgtasks could not do what was asked."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str | None = None, *, detail: Any = None) -> None:
+        self.message = message or (self.__doc__ or "").strip().splitlines()[0]
+        self.detail = detail
+        super().__init__(self.message)
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON error body every route answers with."""
+        return {"error": self.code, "message": self.message, "detail": self.detail}
+
+
+class ConfigurationError(BgTasksError):
+    """fastapi_bgtasks is configured in a way that cannot work."""
+
+    code = "configuration_error"
+
+
+class DuplicateTaskName(ConfigurationError):
+    """Another function is already registered under this task name."""
+
+    code = "duplicate_task_name"
+
+
+class SchemaError(BgTasksError):
+    """The database does not hold a schema this version of fastapi_bgtasks can use."""
+
+    status_code = 503
+    code = "schema_error"
+
+
+class StoreUnavailable(BgTasksError):
+    """The task store is unavailable; try again shortly."""
+
+    status_code = 503
+    code = "store_unavailable"
+
+
+class SubmitError(BgTasksError):
+    """The run could not be submitted."""
+
+    status_code = 422
+    code = "submit_error"
+
+
+class TaskNotFound(SubmitError):
+    """No task of that name is registered."""
+
+    status_code = 404
+    code = "task_not_found"
+
+
+class InvalidSchedule(SubmitError):
+    """The run's schedule is invalid."""
+
+    status_code = 422
+    code = "invalid_schedule"
+
+
+class NotSerializable(SubmitError):
+    """A value cannot be carried as JSON."""
+
+    status_code = 422
+    code = "not_serializable"
+
+
+class PayloadTooLarge(SubmitError):
+    """The payload is larger than the configured limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class IdempotencyConflict(SubmitError):
+    """This idempotency key was already used for a run with other arguments."""
+
+    status_code = 409
+    code = "idempotency_conflict"
+
+
+class RunNotFound(BgTasksError):
+    """No run has this id."""
+
+    status_code = 404
+    code = "run_not_found"
+
+
+class RunFinished(BgTasksError):
+    """The run has already finished."""
+
+    status_code = 409
+    code = "run_finished"
+
+
+class AccessDenied(BgTasksError):
+    """This route needs a valid credential."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class RemoteError(BgTasksError):
+    """The task API answered with an error."""
+
+    code = "remote_error"
+
+    def __init__(self, status_code: int, body: dict[str, Any] | None, url: str) -> None:
+        body = body or {}
+        self.remote_status = status_code
+        self.remote_code = str(body.get("error", "http_error"))
+        super().__init__(
+            f"{url} answered {status_code} {self.remote_code}: {body.get('message', '')}".strip(),
+            detail=body.get("detail"),
+        )
+
+
+class TaskRunFailed(BgTasksError):
+    """The task run did not complete."""
+
+    code = "task_run_failed"
+
+    def __init__(
+        self,
+        run_id: Any,
+        state: Any,
+        error_type: str | None,
+        error_message: str | None,
+    ) -> None:
+        self.run_id = run_id
+        self.state = state
+        self.error_type = error_type
+        self.error_message = error_message
+        state_name = getattr(state, "value", state)
+        super().__init__(
+            f"Task run {run_id} ended {state_name}: {error_type or 'no error'}: {error_message or ''}"
+        )

@@ -1,0 +1,304 @@
+"""③ The feed: runs leased to a worker, pushed over Server-Sent Events, and
+the app-side services that keep it prompt and honest (wake-ups, NOTIFY, the
+reaper).
+
+Feed events are deliveries: each `runs` event carries runs this worker now
+holds a lease on. A run claimed but not written before the stream closes is
+released at once, without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+from fastapi import APIRouter, Depends, Header, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .errors import BgTasksError, StoreUnavailable
+from .models import Delivery, Hello
+
+if TYPE_CHECKING:
+    from .app import BgTasks, Running
+
+__all__ = ["Wakeups", "feed_router", "run_services", "wait_any"]
+
+log = logging.getLogger("fastapi_bgtasks.feed")
+
+
+class Wakeups:
+    """In-process signals: runs were added, a worker's credit freed, a run
+    changed. Each is an event replaced when fired, so a waiter takes the
+    current one *before* it looks at the store and misses nothing."""
+
+    def __init__(self) -> None:
+        self._runs = anyio.Event()
+        self._changed = anyio.Event()
+        self._workers: dict[str, anyio.Event] = {}
+        self._to_notify: set[str] = set()
+        self._notify = anyio.Event()
+
+    def runs_event(self) -> anyio.Event:
+        return self._runs
+
+    def changed_event(self) -> anyio.Event:
+        return self._changed
+
+    def worker_event(self, worker_id: str) -> anyio.Event:
+        event = self._workers.get(worker_id)
+        if event is None:
+            event = self._workers[worker_id] = anyio.Event()
+        return event
+
+    def forget_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    def runs_added(self, task: str | None, *, local: bool = True) -> None:
+        """Runs became due; `local` ones are also announced to other processes."""
+        self._runs.set()
+        self._runs = anyio.Event()
+        if local and task is not None:
+            self._to_notify.add(task)
+            self._notify.set()
+
+    def worker_freed(self, worker_id: str) -> None:
+        event = self._workers.pop(worker_id, None)
+        if event is not None:
+            event.set()
+
+    def run_changed(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def next_notification(self) -> list[str]:
+        await self._notify.wait()
+        self._notify = anyio.Event()
+        tasks, self._to_notify = sorted(self._to_notify), set()
+        return tasks
+
+
+async def wait_any(events: list[anyio.Event], timeout: float) -> None:
+    """Return when any event is set or `timeout` seconds pass."""
+    if any(e.is_set() for e in events):
+        return
+    with anyio.move_on_after(max(timeout, 0.0)):
+        async with anyio.create_task_group() as tg:
+
+            async def waiter(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            for event in events:
+                tg.start_soon(waiter, event)
+
+
+async def run_services(
+    hub: BgTasks, running: Running, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """The lifespan's background work, each in the lifespan's task group."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_reaper, hub, running)
+        tg.start_soon(_watcher, running)
+        if running.store.is_pg:
+            tg.start_soon(_notifier, running)
+        task_status.started()
+
+
+async def _reaper(hub: BgTasks, running: Running) -> None:
+    while True:
+        try:
+            reaped = await running.store.reap_expired()
+        except StoreUnavailable as exc:
+            log.warning("Reaper: %s", exc)
+            reaped = []
+        if reaped:
+            for run_id, state in reaped:
+                log.warning("Run %s lost its worker (lease expired): now %s", run_id, state)
+            running.wakeups.runs_added(None)
+            running.wakeups.run_changed()
+        await anyio.sleep(hub.reaper_seconds)
+
+
+async def _watcher(running: Running) -> None:
+    def on_change(_task: str | None) -> None:
+        running.wakeups.runs_added(None, local=False)
+        running.wakeups.run_changed()
+
+    await running.store.watch(on_change)
+
+
+async def _notifier(running: Running) -> None:
+    # NOTIFY after the submit committed, outside its transaction, coalesced:
+    # a burst of submits costs one NOTIFY per task.
+    while True:
+        tasks = await running.wakeups.next_notification()
+        try:
+            await running.store.notify(tasks)
+        except StoreUnavailable as exc:
+            log.warning("NOTIFY failed (%s); other app processes will poll", exc)
+            await anyio.sleep(0.5)
+
+
+def _runs_event(rows: list[dict[str, Any]]) -> Any:
+    deliveries = [
+        Delivery(
+            id=r["id"],
+            task=r["task"],
+            attempt=r["attempt"],
+            lease_token=r["lease_token"],
+            args=r["args"],
+            kwargs=r["kwargs"],
+            timeout_seconds=r["timeout_seconds"],
+        ).model_dump(mode="json")
+        for r in rows
+    ]
+    return ServerSentEvent(data=json.dumps(deliveries, separators=(",", ":")), event="runs")
+
+
+async def _deliveries(
+    hub: BgTasks,
+    running: Running,
+    worker_id: str,
+    tasks: list[str],
+    slots: int,
+    shutdown: anyio.Event,
+) -> AsyncIterator[Any]:
+    store = running.store
+    wakeups = running.wakeups
+    hello = Hello(
+        worker_id=worker_id,
+        lease_seconds=hub.lease_seconds,
+        heartbeat_seconds=hub.heartbeat_seconds,
+        report_interval=hub.report_interval,
+    )
+    yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
+    deadline = time.monotonic() + hub.feed_max_seconds
+    unsent: list[dict[str, Any]] = []
+    try:
+        # A reconnecting worker first gets what it already holds.
+        resend = await store.leased_to(worker_id, tasks)
+        if resend:
+            yield _runs_event(resend)
+        while not (shutdown.is_set() or running.closing.is_set()):
+            if time.monotonic() >= deadline:
+                break
+            events = [
+                wakeups.runs_event(),
+                wakeups.worker_event(worker_id),
+                shutdown,
+                running.closing,
+            ]
+            try:
+                unsent = await store.claim(
+                    worker_id=worker_id,
+                    tasks=tasks,
+                    slots=slots,
+                    lease_seconds=hub.lease_seconds,
+                )
+                if unsent:
+                    yield _runs_event(unsent)
+                    unsent = []
+                    continue
+                timeout = min(hub.poll_seconds, deadline - time.monotonic())
+                due = await store.next_due(tasks)
+            except StoreUnavailable as exc:
+                log.warning("Feed for %s: %s", worker_id, exc)
+                timeout, due = min(hub.poll_seconds, 1.0), None
+            if due is not None:
+                wait = (due - datetime.now(UTC)).total_seconds()
+                if wait > 0:
+                    timeout = min(timeout, wait)
+            await wait_any(events, timeout)
+        yield ServerSentEvent(data="{}", event="bye")
+    finally:
+        if unsent:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    await store.release_unsent([(r["id"], r["lease_token"]) for r in unsent])
+                    wakeups.runs_added(None)
+                except BgTasksError as exc:  # the lease expires instead
+                    log.warning("Could not release unsent runs: %s", exc)
+
+
+def feed_router(hub: BgTasks) -> Any:
+    from .access import worker_access
+    from .errors import AccessDenied
+    from .models import ErrorBody
+
+    router = APIRouter()
+
+    class TooManyFeeds(BgTasksError):
+        """Too many feeds are open; try again shortly."""
+
+        status_code = 429
+        code = "too_many_feeds"
+
+    @router.get(
+        "/feed",
+        summary="The run feed for one worker (SSE)",
+        dependencies=[Depends(worker_access(hub))],
+        response_class=EventSourceResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "hello, runs, bye"},
+            401: {"model": ErrorBody, "description": "No worker credential"},
+            422: {"model": ErrorBody, "description": "Bad parameters"},
+            429: {"model": ErrorBody, "description": "Too many feeds"},
+            503: {"model": ErrorBody, "description": "Lifespan not running"},
+        },
+    )
+    async def feed(
+        request: Request,
+        task: list[str] = Query(min_length=1, max_length=1000),
+        slots: int = Query(ge=1, le=10000),
+        worker_id: str = Header(alias="X-Worker-Id", min_length=1, max_length=200),
+    ) -> Any:
+        running = hub.running
+        if running is None:
+            raise StoreUnavailable("The app's lifespan is not running.")
+        if not worker_id.isprintable():
+            raise AccessDenied("X-Worker-Id must be printable text.")
+        for name in task:
+            if len(name) > 200 or not name.isprintable():
+                raise TaskNameInvalid(f"Invalid task name {name[:50]!r}")
+        total = sum(running.open_feeds.values())
+        if total >= hub.max_feeds or running.open_feeds.get(worker_id, 0) >= 2:
+            raise TooManyFeeds()
+        shutdown = anyio.Event()
+        running.open_feeds[worker_id] = running.open_feeds.get(worker_id, 0) + 1
+
+        async def stream() -> AsyncIterator[Any]:
+            try:
+                async for event in _deliveries(
+                    hub, running, worker_id, sorted(set(task)), slots, shutdown
+                ):
+                    yield event
+            finally:
+                left = running.open_feeds.get(worker_id, 1) - 1
+                if left <= 0:
+                    running.open_feeds.pop(worker_id, None)
+                    running.wakeups.forget_worker(worker_id)
+                else:
+                    running.open_feeds[worker_id] = left
+
+        return EventSourceResponse(
+            stream(),
+            ping=5,
+            send_timeout=30,
+            shutdown_event=shutdown,
+            shutdown_grace_period=1.0,
+        )
+
+    return router
+
+
+class TaskNameInvalid(BgTasksError):
+    """A task name must be printable text of at most 200 characters."""
+
+    status_code = 422
+    code = "invalid_task_name"

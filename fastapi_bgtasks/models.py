@@ -1,0 +1,252 @@
+"""Run states, the transitions allowed between them, and the wire schemas.
+
+Shared by both ends of the wire: the app (store, feed, reports, status) and
+the worker, which imports this module but never SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+__all__ = [
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "Delivery",
+    "ErrorBody",
+    "ErrorInfo",
+    "HeartbeatRequest",
+    "HeartbeatResponse",
+    "Hello",
+    "Report",
+    "ReportBatch",
+    "ReportOutcomes",
+    "RunDocument",
+    "RunPage",
+    "RunState",
+    "SubmitRequest",
+    "document_from_row",
+    "format_time",
+]
+
+
+class RunState(str, enum.Enum):
+    """Where a run is on its path. See docs/architecture.md for the diagram."""
+
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL_STATES = frozenset(
+    {RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.CRASHED}
+)
+# Runs a worker holds a lease on.
+ACTIVE_STATES = frozenset({RunState.PENDING, RunState.RUNNING})
+
+# Every edge a run may take, named after what makes it (docs/architecture.md).
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.SCHEDULED: frozenset({RunState.PENDING, RunState.CANCELLED}),
+    RunState.PENDING: frozenset(
+        {
+            RunState.SCHEDULED,  # released unsent, handed back, or lease expired
+            RunState.RUNNING,
+            RunState.COMPLETED,
+            RunState.FAILED,
+            RunState.CANCELLED,
+            RunState.CRASHED,
+        }
+    ),
+    RunState.RUNNING: frozenset(
+        {
+            RunState.SCHEDULED,  # retry after a failure, or lease expired
+            RunState.COMPLETED,
+            RunState.FAILED,
+            RunState.CANCELLED,
+            RunState.CRASHED,
+        }
+    ),
+    RunState.COMPLETED: frozenset(),
+    RunState.FAILED: frozenset(),
+    RunState.CANCELLED: frozenset(),
+    RunState.CRASHED: frozenset(),
+}
+
+
+def format_time(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with `Z` and microseconds: the one time format on the wire."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorInfo(BaseModel):
+    """What a failed attempt raised, as plain text: never rebuilt into an exception."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one JSON body of every error response."""
+
+    error: str
+    message: str
+    detail: Any = None
+
+
+class RunDocument(BaseModel):
+    """A run as the API shows it. `args`, `kwargs` and the traceback are
+    omitted for callers that only hold the run id."""
+
+    id: uuid.UUID
+    task: str
+    state: RunState
+    attempt: int
+    max_attempts: int
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+    created_at: datetime
+    scheduled_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    error: ErrorInfo | None = None
+    worker_id: str | None = None
+
+    @field_serializer("created_at", "scheduled_at", "started_at", "finished_at")
+    def _times(self, value: datetime | None) -> str | None:
+        return format_time(value)
+
+
+class RunPage(BaseModel):
+    """One page of `GET /runs`, newest first; pass `next_cursor` back for the next."""
+
+    runs: list[RunDocument]
+    next_cursor: str | None = None
+
+
+class SubmitRequest(_Wire):
+    """The body of `POST /runs`. Unknown fields are refused (no mass assignment)."""
+
+    task: str = Field(min_length=1, max_length=200)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    countdown: float | None = Field(default=None, ge=0, le=10 * 365 * 86400)
+    eta: datetime | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+
+
+class Hello(BaseModel):
+    """The feed's first event: the timing the worker must use (never its own)."""
+
+    worker_id: str
+    lease_seconds: float
+    heartbeat_seconds: float
+    report_interval: float
+
+
+class Delivery(BaseModel):
+    """One run leased to a worker, as sent on its feed."""
+
+    id: uuid.UUID
+    task: str
+    attempt: int
+    lease_token: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    timeout_seconds: float | None = None
+
+
+ReportState = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "RELEASED"]
+
+
+class Report(_Wire):
+    """A worker's word on one run. RELEASED hands back a run it will not finish."""
+
+    run_id: uuid.UUID
+    lease_token: str = Field(max_length=64)
+    state: ReportState
+    result: Any = None
+    error: ErrorInfo | None = None
+
+
+class ReportBatch(_Wire):
+    worker_id: str = Field(min_length=1, max_length=200)
+    reports: list[Report] = Field(max_length=1000)
+
+
+Outcome = Literal["accepted", "duplicate", "stale", "unknown"]
+
+
+class ReportOutcomes(BaseModel):
+    """One outcome per report, in the order sent."""
+
+    outcomes: list[Outcome]
+
+
+class LeaseHeld(_Wire):
+    run_id: uuid.UUID
+    lease_token: str = Field(max_length=64)
+
+
+class HeartbeatRequest(_Wire):
+    worker_id: str = Field(min_length=1, max_length=200)
+    runs: list[LeaseHeld] = Field(default_factory=list, max_length=10000)
+
+
+class HeartbeatResponse(BaseModel):
+    """`stop`: runs the worker must stop (cancelled, or no longer its own)."""
+
+    renewed: list[uuid.UUID]
+    stop: list[uuid.UUID]
+    cancel: list[uuid.UUID]
+
+
+def document_from_row(row: dict[str, Any], *, full: bool = True) -> RunDocument:
+    """A stored row as the run document; `full=False` for capability readers:
+    no arguments, no traceback."""
+    error = row.get("error")
+    error_info = ErrorInfo.model_validate(error) if error else None
+    if error_info is not None and not full:
+        error_info = error_info.model_copy(update={"traceback": None})
+    return RunDocument(
+        id=row["id"],
+        task=row["task"],
+        state=RunState(row["state"]),
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        args=row["args"] if full else None,
+        kwargs=row["kwargs"] if full else None,
+        created_at=row["created_at"],
+        scheduled_at=row["scheduled_at"],
+        started_at=row.get("started_at"),
+        finished_at=row.get("finished_at"),
+        result=row.get("result"),
+        error=error_info,
+        worker_id=row.get("worker_id"),
+    )

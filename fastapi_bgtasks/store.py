@@ -1,0 +1,985 @@
+"""② The store: every SQL statement, named after the operation it performs.
+
+This is the only module that imports SQLAlchemy. The runs table is the queue;
+a trigger appends each state change to the history table in the same
+transaction, so every transition is one compare-and-set statement.
+SQLite (embedded default) and PostgreSQL (production) differ only where the
+clock, the claim's locking and cross-process wake-ups differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .errors import ConfigurationError, RunFinished, RunNotFound, SchemaError, StoreUnavailable
+from .models import ACTIVE_STATES, Report, RunState
+
+__all__ = ["SCHEMA_VERSION", "Store", "safe_url"]
+
+log = logging.getLogger("fastapi_bgtasks.store")
+
+S = RunState
+ACTIVE = [s.value for s in ACTIVE_STATES]
+NOTIFY_CHANNEL = "bgtasks_runs"
+LOCK_KEY = 0x6267_7461_736B  # "bgtask": the advisory lock migrations hold
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "bgtasks_runs",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("task", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("rescues", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_rescues", sa.Integer, nullable=False),
+    sa.Column("retry_delays", sa.JSON, nullable=False),
+    sa.Column("timeout_seconds", sa.Float, nullable=True),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("kwargs", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("error", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("worker_id", sa.String(200), nullable=True),
+    sa.Column("lease_token", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reason", sa.String(200), nullable=True),
+)
+
+_SCHEDULED = runs.c.state == S.SCHEDULED.value
+_ACTIVE = runs.c.state.in_(ACTIVE)
+
+sa.Index(
+    "bgtasks_runs_runnable",
+    runs.c.task,
+    runs.c.priority.desc(),
+    runs.c.scheduled_at,
+    postgresql_where=_SCHEDULED,
+    sqlite_where=_SCHEDULED,
+)
+sa.Index(
+    "bgtasks_runs_leased",
+    runs.c.worker_id,
+    postgresql_where=_ACTIVE,
+    sqlite_where=_ACTIVE,
+)
+sa.Index(
+    "bgtasks_runs_leases",
+    runs.c.lease_expires_at,
+    postgresql_where=_ACTIVE,
+    sqlite_where=_ACTIVE,
+)
+sa.Index(
+    "bgtasks_runs_idempotency",
+    runs.c.task,
+    runs.c.idempotency_key,
+    unique=True,
+    postgresql_where=runs.c.idempotency_key.isnot(None),
+    sqlite_where=runs.c.idempotency_key.isnot(None),
+)
+sa.Index("bgtasks_runs_newest", runs.c.created_at, runs.c.id)
+sa.Index("bgtasks_runs_state_newest", runs.c.state, runs.c.created_at)
+
+history = sa.Table(
+    "bgtasks_run_history",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("run_id", sa.Uuid, nullable=False),
+    sa.Column("from_state", sa.String(16), nullable=True),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("reason", sa.String(200), nullable=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("bgtasks_run_history_run", history.c.run_id, history.c.id)
+
+schema_table = sa.Table(
+    "bgtasks_schema",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+_PG_TRIGGERS = [
+    """
+    CREATE OR REPLACE FUNCTION bgtasks_record_transition() RETURNS trigger AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+            VALUES (NEW.id, NULL, NEW.state, NEW.attempt, NEW.reason, NEW.updated_at);
+        ELSIF NEW.state IS DISTINCT FROM OLD.state THEN
+            INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+            VALUES (NEW.id, OLD.state, NEW.state, NEW.attempt, NEW.reason, NEW.updated_at);
+        END IF;
+        RETURN NULL;
+    END
+    $$ LANGUAGE plpgsql
+    """,
+    """
+    CREATE TRIGGER bgtasks_runs_history AFTER INSERT OR UPDATE OF state ON bgtasks_runs
+    FOR EACH ROW EXECUTE FUNCTION bgtasks_record_transition()
+    """,
+]
+_SQLITE_TRIGGERS = [
+    """
+    CREATE TRIGGER bgtasks_runs_inserted AFTER INSERT ON bgtasks_runs BEGIN
+        INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+        VALUES (NEW.id, NULL, NEW.state, NEW.attempt, NEW.reason, NEW.updated_at);
+    END
+    """,
+    """
+    CREATE TRIGGER bgtasks_runs_transition AFTER UPDATE OF state ON bgtasks_runs
+    WHEN NEW.state IS NOT OLD.state BEGIN
+        INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+        VALUES (NEW.id, OLD.state, NEW.state, NEW.attempt, NEW.reason, NEW.updated_at);
+    END
+    """,
+]
+
+
+async def _migration_1(conn: AsyncConnection, dialect: str) -> None:
+    await conn.run_sync(metadata.create_all)
+    for ddl in _PG_TRIGGERS if dialect == "postgresql" else _SQLITE_TRIGGERS:
+        await conn.exec_driver_sql(ddl)
+
+
+# Forward-only: never edit a released migration, append a new one.
+MIGRATIONS: list[Callable[[AsyncConnection, str], Any]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# SQLAlchemy's and the drivers' ways of saying the database is not there.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.TimeoutError,
+    OSError,
+)
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _row(row: Any) -> dict[str, Any]:
+    data = dict(row._mapping)
+    for key in (
+        "created_at",
+        "scheduled_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
+        "lease_expires_at",
+    ):
+        if key in data:
+            data[key] = _utc(data[key])
+    return data
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, run_id = raw.split("|")
+        return _utc(datetime.fromisoformat(at)) or datetime.now(UTC), uuid.UUID(run_id)
+    except Exception as exc:
+        raise ValueError("cursor is not one this API returned") from exc
+
+
+class Store:
+    """The runs table and its statements, on one SQLAlchemy async engine
+    (two on SQLite: one writer connection and a few readers)."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        try:
+            parsed = sa.make_url(url)
+        except Exception as exc:
+            raise ConfigurationError(f"Not a database URL: {url!r}") from exc
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigurationError(
+                f"fastapi_bgtasks stores runs in SQLite or PostgreSQL, not {backend!r} "
+                f"({safe_url(url)})."
+            )
+        if backend == "sqlite" and parsed.drivername != "sqlite+aiosqlite":
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+        if backend == "postgresql" and parsed.drivername != "postgresql+asyncpg":
+            parsed = parsed.set(drivername="postgresql+asyncpg")
+        if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+            raise ConfigurationError(
+                "fastapi_bgtasks needs a SQLite file (workers and the app share it), "
+                "not an in-memory database."
+            )
+        self.url = parsed
+        self.display_url = safe_url(url)
+        self.dialect = backend
+        self.is_pg = backend == "postgresql"
+        self._pool_size = pool_size
+        self._writer: AsyncEngine | None = None
+        self._reader: AsyncEngine | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def _engines(self) -> tuple[AsyncEngine, AsyncEngine]:
+        if self._writer is None or self._reader is None:
+            raise StoreUnavailable("The store is not open.")
+        return self._writer, self._reader
+
+    async def open(self) -> None:
+        """Create the engines. Connects lazily: opening cannot fail on a down database."""
+        if self._writer is not None:
+            return
+        dumps = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731
+        if self.is_pg:
+            engine = create_async_engine(
+                self.url,
+                pool_size=self._pool_size,
+                max_overflow=self._pool_size,
+                pool_timeout=10,
+                pool_recycle=1800,
+                json_serializer=dumps,
+                connect_args={
+                    "server_settings": {"application_name": "fastapi_bgtasks"},
+                    "timeout": 10,
+                },
+            )
+            self._writer = self._reader = engine
+            return
+        # One writer connection per process: SQLite has one writer anyway,
+        # and BEGIN IMMEDIATE makes writers queue instead of failing on upgrade.
+        self._writer = create_async_engine(
+            self.url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=30,
+            json_serializer=dumps,
+            connect_args={"timeout": 30},
+        )
+        self._reader = create_async_engine(
+            self.url,
+            pool_size=4,
+            max_overflow=4,
+            pool_timeout=30,
+            json_serializer=dumps,
+            connect_args={"timeout": 30},
+        )
+        _sqlite_pragmas(self._writer, immediate=True)
+        _sqlite_pragmas(self._reader, immediate=False)
+
+    async def close(self) -> None:
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        if writer is not None:
+            await writer.dispose()
+        if reader is not None and reader is not writer:
+            await reader.dispose()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction on the writer: BEGIN IMMEDIATE on SQLite."""
+        writer, _ = self._engines()
+        try:
+            async with writer.begin() as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
+            ) from exc
+
+    @asynccontextmanager
+    async def _one(self) -> AsyncIterator[AsyncConnection]:
+        """For a single write statement: autocommit on PostgreSQL (one round trip)."""
+        writer, _ = self._engines()
+        try:
+            if self.is_pg:
+                async with writer.connect() as conn:
+                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    yield conn
+            else:
+                async with writer.begin() as conn:
+                    yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
+            ) from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        _, reader = self._engines()
+        try:
+            async with reader.connect() as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
+            ) from exc
+
+    async def migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION under a lock; returns the version.
+
+        Two app processes may start at once: PostgreSQL serialises them on an
+        advisory lock, SQLite on BEGIN IMMEDIATE.
+        """
+        async with self._write() as conn:
+            if self.is_pg:
+                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(LOCK_KEY)))
+            current = await self._schema_version(conn)
+            if current is None:
+                await conn.run_sync(lambda c: schema_table.create(c, checkfirst=True))
+                await conn.execute(schema_table.insert().values(version=0))
+                current = 0
+            if current > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"The database {self.display_url} has schema version {current}, newer "
+                    f"than this fastapi_bgtasks knows ({SCHEMA_VERSION}). Upgrade the package."
+                )
+            for number in range(current + 1, SCHEMA_VERSION + 1):
+                log.info("Applying fastapi_bgtasks migration %d", number)
+                await MIGRATIONS[number - 1](conn, self.dialect)
+                await conn.execute(schema_table.update().values(version=number))
+            return SCHEMA_VERSION
+
+    async def check_schema(self) -> None:
+        """For processes that must not create it: fail clearly when it is missing."""
+        async with self._read() as conn:
+            current = await self._schema_version(conn)
+        if current is None or current == 0:
+            raise SchemaError(
+                f"No fastapi_bgtasks schema in {self.display_url}. Start the app once "
+                "(its lifespan creates it: FastAPI(lifespan=bg.lifespan)), or check the URL."
+            )
+        if current != SCHEMA_VERSION:
+            raise SchemaError(
+                f"The database {self.display_url} has schema version {current}; this "
+                f"fastapi_bgtasks needs {SCHEMA_VERSION}. Upgrade the app or the package."
+            )
+
+    async def _schema_version(self, conn: AsyncConnection) -> int | None:
+        has_table = await conn.run_sync(lambda c: sa.inspect(c).has_table(schema_table.name))
+        if not has_table:
+            return None
+        version = await conn.scalar(sa.select(sa.func.max(schema_table.c.version)))
+        return int(version or 0)
+
+    async def ping(self) -> None:
+        async with self._read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    # -- the clock -------------------------------------------------------
+
+    def _now(self) -> Any:
+        """The store's clock: now() on PostgreSQL, the app's clock on SQLite."""
+        if self.is_pg:
+            return sa.func.now()
+        return sa.literal(datetime.now(UTC), sa.DateTime(timezone=True))
+
+    def _after(self, seconds: float) -> Any:
+        if self.is_pg:
+            return sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval)
+        return sa.literal(
+            datetime.now(UTC) + timedelta(seconds=seconds), sa.DateTime(timezone=True)
+        )
+
+    # -- ① submit ---------------------------------------------------------
+
+    async def insert_run(
+        self,
+        *,
+        task: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        max_attempts: int,
+        max_rescues: int,
+        retry_delays: list[float],
+        timeout_seconds: float | None,
+        priority: int,
+        countdown: float | None,
+        eta: datetime | None,
+        idempotency_key: str | None,
+    ) -> tuple[dict[str, Any], bool]:
+        """One statement. Returns (row, created); a repeated idempotency key
+        returns the stored row, or raises IdempotencyConflict on other arguments."""
+        run_id = uuid.uuid4()
+        now = self._now()
+        if eta is not None:
+            scheduled: Any = sa.literal(eta.astimezone(UTC), sa.DateTime(timezone=True))
+        elif countdown:
+            scheduled = self._after(countdown)
+        else:
+            scheduled = now
+        values = {
+            "id": run_id,
+            "task": task,
+            "state": S.SCHEDULED.value,
+            "attempt": 0,
+            "max_attempts": max_attempts,
+            "rescues": 0,
+            "max_rescues": max_rescues,
+            "retry_delays": retry_delays,
+            "timeout_seconds": timeout_seconds,
+            "priority": priority,
+            "args": args,
+            "kwargs": kwargs,
+            "created_at": now,
+            "scheduled_at": scheduled,
+            "updated_at": now,
+            "idempotency_key": idempotency_key,
+            "cancel_requested": False,
+        }
+        insert = (postgresql.insert if self.is_pg else sqlite.insert)(runs).values(values)
+        if idempotency_key is not None:
+            insert = insert.on_conflict_do_nothing(
+                index_elements=[runs.c.task, runs.c.idempotency_key],
+                index_where=runs.c.idempotency_key.isnot(None),
+            )
+        async with self._one() as conn:
+            row = (await conn.execute(insert.returning(*runs.c))).first()
+        if row is not None:
+            return _row(row), True
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(runs).where(
+                        runs.c.task == task, runs.c.idempotency_key == idempotency_key
+                    )
+                )
+            ).first()
+        if row is None:  # deleted between the two statements: vanishingly rare
+            raise StoreUnavailable("The run for this idempotency key changed; try again.")
+        return _row(row), False
+
+    # -- ⑥ status ---------------------------------------------------------
+
+    async def get_run(self, run_id: uuid.UUID) -> dict[str, Any] | None:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(runs).where(runs.c.id == run_id))).first()
+        return _row(row) if row is not None else None
+
+    async def list_runs(
+        self,
+        *,
+        state: RunState | None,
+        task: str | None,
+        limit: int,
+        cursor: tuple[datetime, uuid.UUID] | None,
+    ) -> list[dict[str, Any]]:
+        query = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(runs.c.state == state.value)
+        if task is not None:
+            query = query.where(runs.c.task == task)
+        if cursor is not None:
+            at, run_id = cursor
+            query = query.where(
+                sa.or_(
+                    runs.c.created_at < at,
+                    sa.and_(runs.c.created_at == at, runs.c.id < run_id),
+                )
+            )
+        async with self._read() as conn:
+            return [_row(r) for r in await conn.execute(query)]
+
+    async def run_history(self, run_id: uuid.UUID) -> list[dict[str, Any]]:
+        query = sa.select(history).where(history.c.run_id == run_id).order_by(history.c.id)
+        async with self._read() as conn:
+            rows = [_row(r) for r in await conn.execute(query)]
+        for r in rows:
+            r["at"] = _utc(r["at"])
+        return rows
+
+    async def cancel_run(self, run_id: uuid.UUID) -> dict[str, Any]:
+        """SCHEDULED → CANCELLED at once; a leased run is flagged for its
+        worker, which stops it and reports CANCELLED."""
+        now = self._now()
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id, _SCHEDULED)
+                    .values(
+                        state=S.CANCELLED.value,
+                        finished_at=now,
+                        updated_at=now,
+                        reason="cancelled",
+                        cancel_requested=True,
+                    )
+                    .returning(*runs.c)
+                )
+            ).first()
+            if row is None:
+                row = (
+                    await conn.execute(
+                        runs.update()
+                        .where(runs.c.id == run_id, _ACTIVE)
+                        .values(cancel_requested=True)
+                        .returning(*runs.c)
+                    )
+                ).first()
+            if row is None:
+                row = (await conn.execute(sa.select(runs).where(runs.c.id == run_id))).first()
+                if row is None:
+                    raise RunNotFound()
+                raise RunFinished(f"Run {run_id} already ended {row.state}; nothing to cancel.")
+        return _row(row)
+
+    # -- ③ feed -----------------------------------------------------------
+
+    _DELIVERY = (
+        runs.c.id,
+        runs.c.task,
+        runs.c.attempt,
+        runs.c.lease_token,
+        runs.c.args,
+        runs.c.kwargs,
+        runs.c.timeout_seconds,
+        runs.c.priority,
+        runs.c.scheduled_at,
+    )
+
+    async def claim(
+        self, *, worker_id: str, tasks: Sequence[str], slots: int, lease_seconds: float
+    ) -> list[dict[str, Any]]:
+        """Lease up to this worker's free credit of due runs, in one statement.
+
+        Credit is slots minus the runs already leased to the worker, counted
+        in the same statement, so it holds across app processes. The attempt
+        is counted here; the lease token fences every later report.
+        """
+        held = (
+            sa.select(sa.func.count())
+            .select_from(runs)
+            .where(runs.c.worker_id == worker_id, _ACTIVE)
+            .scalar_subquery()
+        )
+        credit = (sa.func.greatest if self.is_pg else sa.func.max)(0, slots - held)
+        due = (
+            sa.select(runs.c.id)
+            .where(_SCHEDULED, runs.c.task.in_(list(tasks)), runs.c.scheduled_at <= self._now())
+            .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
+            .limit(credit)
+        )
+        if self.is_pg:
+            due = due.with_for_update(skip_locked=True)
+        now = self._now()
+        statement = (
+            runs.update()
+            .where(runs.c.id.in_(due.scalar_subquery()))
+            .values(
+                state=S.PENDING.value,
+                attempt=runs.c.attempt + 1,
+                worker_id=worker_id,
+                lease_token=uuid.uuid4().hex,
+                lease_expires_at=self._after(lease_seconds),
+                updated_at=now,
+                reason=None,
+            )
+            .returning(*self._DELIVERY)
+        )
+        async with self._one() as conn:
+            rows = [_row(r) for r in await conn.execute(statement)]
+        rows.sort(key=lambda r: (-r["priority"], r["scheduled_at"]))
+        return rows
+
+    async def leased_to(self, worker_id: str, tasks: Sequence[str]) -> list[dict[str, Any]]:
+        """Runs still PENDING under this worker: re-sent when its feed reconnects."""
+        query = (
+            sa.select(*self._DELIVERY)
+            .where(
+                runs.c.worker_id == worker_id,
+                runs.c.state == S.PENDING.value,
+                runs.c.task.in_(list(tasks)),
+            )
+            .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
+        )
+        async with self._read() as conn:
+            return [_row(r) for r in await conn.execute(query)]
+
+    async def release_unsent(self, leases: Sequence[tuple[uuid.UUID, str]]) -> int:
+        """Claimed but never written to the stream: back to SCHEDULED, the
+        attempt not spent."""
+        if not leases:
+            return 0
+        released = 0
+        async with self._write() as conn:
+            for run_id, token in leases:
+                result = await conn.execute(
+                    runs.update()
+                    .where(
+                        runs.c.id == run_id,
+                        runs.c.lease_token == token,
+                        runs.c.state == S.PENDING.value,
+                    )
+                    .values(
+                        state=S.SCHEDULED.value,
+                        attempt=runs.c.attempt - 1,
+                        worker_id=None,
+                        lease_expires_at=None,
+                        updated_at=self._now(),
+                        reason="released_unsent",
+                    )
+                )
+                released += result.rowcount
+        return released
+
+    async def next_due(self, tasks: Sequence[str]) -> datetime | None:
+        """When the earliest waiting run of these tasks becomes due."""
+        query = sa.select(sa.func.min(runs.c.scheduled_at)).where(
+            _SCHEDULED, runs.c.task.in_(list(tasks))
+        )
+        async with self._read() as conn:
+            value = await conn.scalar(query)
+        if isinstance(value, str):  # SQLite's min() over text loses the type
+            value = datetime.fromisoformat(value)
+        return _utc(value)
+
+    async def clock(self) -> datetime:
+        """The store's current time (for sleeping until a run is due)."""
+        if not self.is_pg:
+            return datetime.now(UTC)
+        async with self._read() as conn:
+            value = await conn.scalar(sa.select(sa.func.now()))
+        return _utc(value) or datetime.now(UTC)
+
+    # -- ⑤ reports --------------------------------------------------------
+
+    async def apply_reports(
+        self, reports: Sequence[Report], *, max_result_bytes: int
+    ) -> list[tuple[str, dict[str, Any] | None]]:
+        """Apply a worker's batch in one transaction; one outcome per report."""
+        outcomes: list[tuple[str, dict[str, Any] | None]] = []
+        async with self._write() as conn:
+            for report in reports:
+                outcomes.append(await self._apply(conn, report, max_result_bytes))
+        return outcomes
+
+    async def _apply(
+        self, conn: AsyncConnection, report: Report, max_result_bytes: int
+    ) -> tuple[str, dict[str, Any] | None]:
+        now = self._now()
+        mine = sa.and_(runs.c.id == report.run_id, runs.c.lease_token == report.lease_token)
+        values: dict[str, Any]
+        state = report.state
+        result = report.result
+        error = report.error.model_dump() if report.error else None
+        if state == "COMPLETED" and _json_size(result) > max_result_bytes:
+            state, result = "FAILED", None
+            error = {
+                "type": "ResultTooLarge",
+                "message": f"The result is larger than max_result_bytes ({max_result_bytes}).",
+                "traceback": None,
+            }
+        if state == "RUNNING":
+            where = [mine, runs.c.state == S.PENDING.value]
+            values = {"state": S.RUNNING.value, "started_at": now, "updated_at": now}
+        elif state == "COMPLETED":
+            where = [mine, _ACTIVE]
+            values = {
+                "state": S.COMPLETED.value,
+                "result": result,
+                "error": None,
+                "started_at": sa.func.coalesce(runs.c.started_at, now),
+                "finished_at": now,
+                "lease_expires_at": None,
+                "updated_at": now,
+                "reason": None,
+            }
+        elif state == "CANCELLED":
+            where = [mine, _ACTIVE]
+            values = {
+                "state": S.CANCELLED.value,
+                "finished_at": now,
+                "lease_expires_at": None,
+                "updated_at": now,
+                "reason": "cancelled",
+            }
+        elif state == "RELEASED":
+            where = [mine, _ACTIVE]
+            never_started = runs.c.state == S.PENDING.value
+            values = {
+                "state": S.SCHEDULED.value,
+                "attempt": sa.case((never_started, runs.c.attempt - 1), else_=runs.c.attempt),
+                "rescues": sa.case((never_started, runs.c.rescues), else_=runs.c.rescues + 1),
+                "scheduled_at": now,
+                "worker_id": None,
+                "lease_expires_at": None,
+                "updated_at": now,
+                "reason": "handed_back",
+            }
+        else:  # FAILED: retry after the back-off if any is left
+            current = (
+                await conn.execute(
+                    sa.select(
+                        runs.c.attempt,
+                        runs.c.rescues,
+                        runs.c.max_attempts,
+                        runs.c.retry_delays,
+                        runs.c.cancel_requested,
+                    ).where(mine, _ACTIVE)
+                )
+            ).first()
+            if current is None:
+                return await self._classify(conn, report, result), None
+            failures = current.attempt - current.rescues
+            if failures < current.max_attempts and not current.cancel_requested:
+                delays = current.retry_delays or [0.0]
+                delay = float(delays[min(failures - 1, len(delays) - 1)])
+                values = {
+                    "state": S.SCHEDULED.value,
+                    "error": error,
+                    "scheduled_at": self._after(delay) if delay > 0 else now,
+                    "worker_id": None,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                    "reason": f"retry: {error['type'] if error else 'failed'}"[:200],
+                }
+            else:
+                values = {
+                    "state": S.FAILED.value,
+                    "error": error,
+                    "started_at": sa.func.coalesce(runs.c.started_at, now),
+                    "finished_at": now,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                    "reason": "failed",
+                }
+            where = [mine, _ACTIVE]
+        row = (
+            await conn.execute(
+                runs.update().where(*where).values(values).returning(runs.c.id, runs.c.state)
+            )
+        ).first()
+        if row is not None:
+            return "accepted", {"id": row.id, "state": row.state}
+        return await self._classify(conn, report, result), None
+
+    async def _classify(self, conn: AsyncConnection, report: Report, result: Any) -> str:
+        """Why a report changed nothing: a repeat, a lost lease, or no such run."""
+        row = (
+            await conn.execute(
+                sa.select(runs.c.state, runs.c.lease_token, runs.c.result).where(
+                    runs.c.id == report.run_id
+                )
+            )
+        ).first()
+        if row is None:
+            return "unknown"
+        if row.lease_token != report.lease_token:
+            return "stale"
+        repeats = {
+            "RUNNING": {S.RUNNING.value},
+            "COMPLETED": {S.COMPLETED.value},
+            "CANCELLED": {S.CANCELLED.value},
+            "FAILED": {S.FAILED.value, S.SCHEDULED.value},
+            "RELEASED": {S.SCHEDULED.value},
+        }[report.state]
+        if row.state in repeats and (report.state != "COMPLETED" or row.result == result):
+            return "duplicate"
+        if report.state == "RUNNING" and row.state in (S.COMPLETED.value, S.FAILED.value):
+            return "duplicate"  # a late start report for a run already settled by this lease
+        return "stale"
+
+    async def heartbeat(
+        self, *, worker_id: str, held: Sequence[tuple[uuid.UUID, str]], lease_seconds: float
+    ) -> tuple[list[uuid.UUID], list[uuid.UUID], list[uuid.UUID]]:
+        """Renew this worker's leases in one statement.
+
+        Returns (renewed, stop, cancel): `stop` lists runs the worker no longer
+        holds (drop them), `cancel` runs a user asked to cancel.
+        """
+        if not held:
+            return [], [], []
+        tokens = {run_id: token for run_id, token in held}
+        statement = (
+            runs.update()
+            .where(
+                runs.c.worker_id == worker_id,
+                _ACTIVE,
+                runs.c.id.in_(list(tokens)),
+                runs.c.lease_token.in_(sorted(set(tokens.values()))),
+            )
+            .values(lease_expires_at=self._after(lease_seconds))
+            .returning(runs.c.id, runs.c.lease_token, runs.c.cancel_requested)
+        )
+        async with self._one() as conn:
+            rows = list(await conn.execute(statement))
+        renewed = [r.id for r in rows if tokens.get(r.id) == r.lease_token]
+        cancel = [r.id for r in rows if r.cancel_requested and tokens.get(r.id) == r.lease_token]
+        kept = set(renewed)
+        stop = [run_id for run_id in tokens if run_id not in kept]
+        return renewed, stop, cancel
+
+    # -- the reaper -------------------------------------------------------
+
+    async def reap_expired(self) -> list[tuple[uuid.UUID, str]]:
+        """Runs whose lease expired go back to SCHEDULED without spending a
+        retry, or end CRASHED once their rescues are spent. A conditional
+        update: harmless when several app processes run it at once."""
+        now = self._now()
+        cancelled = runs.c.cancel_requested
+        exhausted = runs.c.rescues >= runs.c.max_rescues
+        ends = sa.or_(cancelled, exhausted)
+        lost_error = {
+            "type": "WorkerLost",
+            "message": "The worker running this run stopped renewing its lease "
+            "(it crashed, hung or lost its connection) and the run's rescues are spent.",
+            "traceback": None,
+        }
+        statement = (
+            runs.update()
+            .where(_ACTIVE, runs.c.lease_expires_at < now)
+            .values(
+                state=sa.case(
+                    (cancelled, S.CANCELLED.value),
+                    (exhausted, S.CRASHED.value),
+                    else_=S.SCHEDULED.value,
+                ),
+                rescues=sa.case((ends, runs.c.rescues), else_=runs.c.rescues + 1),
+                error=sa.case(
+                    (sa.and_(exhausted, sa.not_(cancelled)), sa.literal(lost_error, sa.JSON)),
+                    else_=runs.c.error,
+                ),
+                finished_at=sa.case((ends, now), else_=None),
+                scheduled_at=sa.case((ends, runs.c.scheduled_at), else_=now),
+                worker_id=sa.case((ends, runs.c.worker_id), else_=None),
+                lease_expires_at=None,
+                updated_at=now,
+                reason=sa.case((cancelled, "cancelled"), else_="worker_lost"),
+            )
+            .returning(runs.c.id, runs.c.state)
+        )
+        async with self._one() as conn:
+            return [(r.id, r.state) for r in await conn.execute(statement)]
+
+    # -- cross-process wake-ups -------------------------------------------
+
+    async def notify(self, tasks: Sequence[str]) -> None:
+        """Tell other app processes that runs of these tasks are waiting.
+        Sent after the submit's commit, outside its transaction."""
+        if not self.is_pg or not tasks:
+            return
+        statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.column("t"))).select_from(
+            sa.func.unnest(sa.literal(list(tasks), postgresql.ARRAY(sa.String))).alias("t")
+        )
+        async with self._one() as conn:
+            await conn.execute(statement)
+
+    async def watch(self, on_change: Callable[[str | None], None]) -> None:
+        """Call `on_change(task or None)` whenever another process writes runs.
+
+        PostgreSQL: LISTEN on a dedicated connection, re-opened with back-off;
+        every (re)connect is followed by `on_change(None)` (a full claim pass).
+        SQLite: PRAGMA data_version on a dedicated connection.
+        Runs until cancelled.
+        """
+        if self.is_pg:
+            await self._watch_pg(on_change)
+        else:
+            await self._watch_sqlite(on_change)
+
+    async def _watch_pg(self, on_change: Callable[[str | None], None]) -> None:
+        import asyncpg
+
+        delay = 0.1
+        url = self.url.set(drivername="postgresql")
+        dsn = url.render_as_string(hide_password=False)
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(
+                    dsn, timeout=10, server_settings={"application_name": "fastapi_bgtasks"}
+                )
+                lost = anyio.Event()
+                conn.add_termination_listener(lambda _c: lost.set())
+                await conn.add_listener(
+                    NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(payload)
+                )
+                on_change(None)
+                delay = 0.1
+                while not lost.is_set():
+                    with anyio.move_on_after(5):
+                        await lost.wait()
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1")  # notice a half-open socket
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("Wake-up listener lost the database (%s); reconnecting", exc)
+            finally:
+                if conn is not None:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                        await conn.close(timeout=2)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _watch_sqlite(self, on_change: Callable[[str | None], None]) -> None:
+        import aiosqlite
+
+        path = self.url.database or ""
+        while True:
+            try:
+                async with aiosqlite.connect(path, timeout=30) as db:
+                    last = None
+                    while True:
+                        async with db.execute("PRAGMA data_version") as cursor:
+                            row = await cursor.fetchone()
+                        version = row[0] if row else None
+                        if last is not None and version != last:
+                            on_change(None)
+                        last = version
+                        await anyio.sleep(0.02)
+            except (OSError, aiosqlite.Error) as exc:
+                log.warning("Wake-up watcher lost the SQLite file (%s); retrying", exc)
+                await anyio.sleep(1.0)
+
+
+def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin() below decide when a transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

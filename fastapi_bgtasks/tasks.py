@@ -1,0 +1,274 @@
+"""The `@bg.task` decorator's product: a function plus how to defer it.
+
+A `Task` owns the pydantic models built from its signature, so arguments are
+checked where the run is submitted (nothing bad is stored) and checked again
+in the worker, where JSON becomes typed values before the call.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import typing
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PydanticSchemaGenerationError,
+    TypeAdapter,
+    create_model,
+)
+from pydantic_core import PydanticSerializationError
+
+from .errors import ConfigurationError, NotSerializable, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from .app import BgTasks
+    from .taskrun import TaskRun
+
+__all__ = ["Task", "TaskOptions"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+OnWorkerLost = Literal["retry", "fail"]
+
+
+class TaskOptions(BaseModel):
+    """How a task's runs are retried, timed out and rescued."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retries: int = Field(default=0, ge=0, le=1000)
+    retry_delay_seconds: float | tuple[float, ...] = 0.0
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    max_rescues: int | None = Field(default=None, ge=0, le=1000)
+    on_worker_lost: OnWorkerLost = "retry"
+
+    def retry_delays(self) -> list[float]:
+        """The back-off before retry 1, 2, ...; the last value repeats."""
+        delays = self.retry_delay_seconds
+        if isinstance(delays, tuple):
+            values = list(delays) or [0.0]
+        else:
+            values = [delays]
+        if any(d < 0 for d in values):
+            raise ConfigurationError("retry_delay_seconds must not be negative")
+        return [float(d) for d in values]
+
+
+_ARG_CONFIG = ConfigDict(allow_inf_nan=False, populate_by_name=False, extra="forbid")
+
+
+def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn, include_extras=True)
+    except Exception:
+        # A forward reference that cannot be resolved yet: validate it as Any
+        # rather than refuse the task.
+        return {}
+
+
+def _arguments_model(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel], dict[str, str]]:
+    """A model whose fields are the parameters. Field names are positional
+    (`p0`, `p1`...) with the parameter name as alias, so parameters pydantic
+    would not take as field names (`_private`, `model_config`) still work."""
+    hints = _type_hints(fn)
+    fields: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    for i, param in enumerate(inspect.signature(fn).parameters.values()):
+        annotation = hints.get(param.name, Any)
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            annotation = list[annotation]  # type: ignore[valid-type]
+            default: Any = ()
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            annotation = dict[str, annotation]  # type: ignore[valid-type]
+            default = {}
+        else:
+            default = ... if param.default is inspect.Parameter.empty else param.default
+        field = f"p{i}"
+        aliases[param.name] = field
+        fields[field] = (annotation, Field(default, alias=param.name))
+    try:
+        model = create_model(  # type: ignore[call-overload]
+            f"{name}_arguments", __config__=_ARG_CONFIG, **fields
+        )
+    except (PydanticSchemaGenerationError, TypeError) as exc:
+        raise ConfigurationError(
+            f"Task {name!r}: a parameter's type cannot be carried as JSON ({exc}). "
+            "Annotate parameters with JSON-friendly types or pydantic models."
+        ) from exc
+    return model, aliases
+
+
+class Task(Generic[P, R]):
+    """A function registered on a hub. Calling it runs it now, like the plain
+    function; `delay` and `apply_async` store a run for a worker instead."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        hub: BgTasks,
+        name: str,
+        options: TaskOptions,
+    ) -> None:
+        if not callable(fn):
+            raise ConfigurationError(f"@task needs a function, got {fn!r}")
+        self.fn = fn
+        self.hub = hub
+        self.name = name
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._signature = inspect.signature(fn)
+        self._args_model, _ = _arguments_model(fn, name)
+        hints = _type_hints(fn)
+        try:
+            self._result_adapter: TypeAdapter[Any] = TypeAdapter(hints.get("return", Any))
+        except PydanticSchemaGenerationError as exc:
+            raise ConfigurationError(
+                f"Task {name!r}: its return type cannot be carried as JSON ({exc})."
+            ) from exc
+        self.retry_delays = options.retry_delays()
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} of {self.fn.__module__}.{self.fn.__qualname__}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def max_attempts(self) -> int:
+        return self.options.retries + 1
+
+    @property
+    def max_rescues(self) -> int:
+        if self.options.on_worker_lost == "fail":
+            return 0
+        if self.options.max_rescues is not None:
+            return self.options.max_rescues
+        return self.hub.max_rescues
+
+    # -- arguments -------------------------------------------------------
+
+    def dump_arguments(
+        self, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Validate a call against the signature and return it as JSON values.
+
+        Raises pydantic's `ValidationError` for a bad call, `NotSerializable`
+        for values JSON cannot carry, and `PayloadTooLarge` over the hub's limit.
+        """
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise self._binding_error(exc, args, kwargs) from None
+        model = self._args_model.model_validate(bound.arguments)
+        try:
+            data = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        except PydanticSerializationError as exc:
+            raise NotSerializable(
+                f"Arguments of task {self.name!r} cannot be carried as JSON: {exc}"
+            ) from exc
+        json_args, json_kwargs = self._split(data)
+        size = len(json.dumps([json_args, json_kwargs], separators=(",", ":")))
+        if size > self.hub.max_args_bytes:
+            raise PayloadTooLarge(
+                f"Arguments of task {self.name!r} are {size} bytes as JSON; "
+                f"the limit is {self.hub.max_args_bytes} (max_args_bytes)."
+            )
+        return json_args, json_kwargs
+
+    def load_arguments(
+        self, args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Stored JSON back to typed values, validated again (the worker side)."""
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise self._binding_error(exc, args, kwargs) from None
+        model = self._args_model.model_validate(bound.arguments)
+        values = {
+            name: getattr(model, f"p{i}")
+            for i, name in enumerate(self._signature.parameters)
+            if name in bound.arguments
+        }
+        rebound = inspect.BoundArguments(self._signature, values)  # type: ignore[arg-type]
+        return rebound.args, rebound.kwargs
+
+    def _split(self, data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        # Only the arguments the caller passed are stored (defaults apply in
+        # the worker), so the stored call reads like the call that was made.
+        return (
+            list(inspect.BoundArguments(self._signature, data).args),  # type: ignore[arg-type]
+            dict(inspect.BoundArguments(self._signature, data).kwargs),  # type: ignore[arg-type]
+        )
+
+    def _binding_error(self, exc: TypeError, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+        detail: InitErrorDetails = {
+            "type": PydanticCustomError("arguments_mismatch", str(exc)),
+            "loc": ("arguments",),
+            "input": {"args": list(args), "kwargs": kwargs},
+        }
+        return ValidationError.from_exception_data(f"{self.name} arguments", [detail])
+
+    # -- results ---------------------------------------------------------
+
+    def dump_result(self, value: Any) -> Any:
+        """A return value as JSON; raises NotSerializable naming the type."""
+        try:
+            return self._result_adapter.dump_python(value, mode="json")
+        except PydanticSerializationError as exc:
+            raise NotSerializable(
+                f"Task {self.name!r} returned a {type(value).__name__}, "
+                f"which cannot be carried as JSON: {exc}"
+            ) from exc
+
+    def load_result(self, value: Any) -> Any:
+        """A stored result back to the declared return type."""
+        return self._result_adapter.validate_python(value)
+
+    # -- deferring -------------------------------------------------------
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
+        """Store a run of this task for a worker, and return it SCHEDULED."""
+        return await self.hub.submit(self, args, kwargs)
+
+    async def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+    ) -> TaskRun:
+        """`delay` with scheduling: `countdown` seconds or an aware `eta`, an
+        idempotency key (a repeat returns the stored run), and a priority
+        (higher runs first)."""
+        return await self.hub.submit(
+            self,
+            tuple(args),
+            dict(kwargs or {}),
+            countdown=countdown,
+            eta=eta,
+            idempotency_key=idempotency_key,
+            priority=priority,
+        )
+
+    def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
+        """`delay` for synchronous code: a sync route, a script, a sync task."""
+        return self.hub.submit_sync(self, args, kwargs)
+
+    def serve(self, url: str | None = None, **options: Any) -> None:
+        """Run a worker for this task in this process until interrupted."""
+        self.hub.serve(self, url=url, **options)

@@ -1,0 +1,150 @@
+"""The worker CLI: import the user's modules, find the hub, serve its tasks.
+
+    python -m fastapi_bgtasks.worker MODULE[:ATTR] [MODULE ...] --url URL
+        [--token TOKEN] [--concurrency N] [--prefetch N] [--task NAME ...]
+
+`BGTASKS_URL` and `BGTASKS_TOKEN` fill in missing flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import anyio
+
+from ..app import BgTasks
+from ..errors import AccessDenied, BgTasksError
+from ..tasks import Task
+from .runtime import WorkerConfig, run_worker
+
+log = logging.getLogger("fastapi_bgtasks.worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastapi_bgtasks.worker",
+        description="Run fastapi_bgtasks tasks delivered by a mounted task API.",
+    )
+    parser.add_argument(
+        "modules",
+        nargs="+",
+        metavar="MODULE[:ATTR]",
+        help="modules that register tasks; ATTR may name the hub (BgTasks) or a task",
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("BGTASKS_URL"),
+        help="URL of the mounted task API, e.g. http://127.0.0.1:8000/tasks "
+        "(default: $BGTASKS_URL)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("BGTASKS_TOKEN"),
+        help="worker bearer token (default: $BGTASKS_TOKEN)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=10, help="runs executed at once (default: 10)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="runs held ready beyond --concurrency (default: = concurrency)",
+    )
+    parser.add_argument(
+        "--task",
+        action="append",
+        dest="tasks",
+        metavar="NAME",
+        help="serve only this task (repeatable; default: every registered task)",
+    )
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long running runs may finish (default: 30)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+def find_hub(specs: list[str]) -> tuple[BgTasks, list[str]]:
+    """Import each MODULE[:ATTR]; return the one hub and the tasks named by ATTR."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    hubs: list[BgTasks] = []
+    named: list[str] = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise SystemExit(f"error: cannot import {module_name!r}: {exc}") from exc
+        found: list[Any]
+        if attr:
+            obj: Any = module
+            for part in attr.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, BgTasks):
+                found = [obj]
+            elif isinstance(obj, Task):
+                found = [obj.hub]
+                named.append(obj.name)
+            else:
+                raise SystemExit(f"error: {spec} is neither a BgTasks hub nor a task")
+        else:
+            found = [v for v in vars(module).values() if isinstance(v, BgTasks)]
+            found += [v.hub for v in vars(module).values() if isinstance(v, Task)]
+        for hub in found:
+            if not any(hub is h for h in hubs):
+                hubs.append(hub)
+    if not hubs:
+        raise SystemExit(f"error: no BgTasks hub or task found in {', '.join(specs)}")
+    if len(hubs) > 1:
+        raise SystemExit("error: several hubs found; name one as MODULE:ATTR")
+    return hubs[0], named
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # One line per request would drown the run lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not args.url:
+        print("error: pass --url (the mounted task API) or set BGTASKS_URL", file=sys.stderr)
+        return 2
+    hub, named = find_hub(args.modules)
+    names = args.tasks or named or sorted(hub.tasks)
+    try:
+        config = WorkerConfig(
+            url=args.url,
+            token=args.token,
+            concurrency=args.concurrency,
+            prefetch=args.prefetch,
+            grace_seconds=args.grace_seconds,
+            max_result_bytes=hub.max_result_bytes,
+        )
+        anyio.run(run_worker, hub, names, config)
+    except AccessDenied:
+        return 1
+    except BgTasksError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,549 @@
+"""④ The worker runtime: one anyio task group that subscribes to the feed,
+runs what it delivers (async tasks on the loop, sync tasks in threads),
+renews leases and reports back in batches.
+
+Everything runs inside `Worker.run()`'s task group; shutdown is a drain:
+stop taking runs, hand back the ones not started, let running ones finish
+within the grace period (still heartbeating), then hand back the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from anyio.abc import TaskGroup
+from pydantic import ValidationError
+
+from ..errors import AccessDenied, BgTasksError, ConfigurationError, NotSerializable
+from ..models import Delivery, ErrorInfo, Report
+from ..submitter import HttpRoute
+from .client import WorkerClient
+from .context import RunContext, _current
+
+if TYPE_CHECKING:
+    from ..app import BgTasks
+    from ..tasks import Task
+
+__all__ = ["Worker", "WorkerConfig", "run_worker"]
+
+log = logging.getLogger("fastapi_bgtasks.worker")
+
+MAX_TRACEBACK = 64 * 1024
+MAX_BATCH = 200
+
+
+@dataclass
+class WorkerConfig:
+    """How a worker connects and how much it takes on. CLI flags map 1:1."""
+
+    url: str
+    token: str | None = None
+    concurrency: int = 10
+    prefetch: int | None = None
+    grace_seconds: float = 30.0
+    max_result_bytes: int = 1024 * 1024
+    handle_signals: bool = True
+    max_reconnect_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        if self.prefetch is None:
+            self.prefetch = self.concurrency
+        if self.prefetch < 0:
+            raise ConfigurationError("prefetch must not be negative")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"--url must be the http(s) URL of the mounted task API, got {self.url!r}"
+            )
+
+    @property
+    def slots(self) -> int:
+        return self.concurrency + (self.prefetch or 0)
+
+
+def make_worker_id() -> str:
+    """host:pid:random, made once per process and kept across reconnects."""
+    return f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass
+class Held:
+    """A run this worker holds a lease on, from delivery to its final report."""
+
+    delivery: Delivery
+    context: RunContext
+    last_renewed: float
+    started: bool = False
+    finished: bool = False
+    stop_reason: str | None = None  # "cancel", "timeout", "lost", "shutdown"
+    scope: anyio.CancelScope | None = None
+    wait_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    deadline_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+    @property
+    def lease(self) -> tuple[uuid.UUID, str]:
+        return self.delivery.id, self.delivery.lease_token
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.context.stop.set()
+        self.wait_scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+@dataclass
+class _Pending:
+    report: Report
+    on_outcome: Callable[[str], None] | None
+
+
+class Worker:
+    def __init__(self, hub: BgTasks, task_names: list[str], config: WorkerConfig) -> None:
+        missing = [n for n in task_names if n not in hub.tasks]
+        if missing:
+            raise ConfigurationError(
+                f"No task named {', '.join(map(repr, missing))} is registered on {hub!r}."
+            )
+        if not task_names:
+            raise ConfigurationError(f"{hub!r} has no tasks to serve.")
+        self.hub = hub
+        self.tasks: dict[str, Task[Any, Any]] = {n: hub.tasks[n] for n in task_names}
+        self.config = config
+        self.worker_id = make_worker_id()
+        self.held: dict[uuid.UUID, Held] = {}
+        # Timing comes from the feed's hello, never from this process's hub.
+        self.lease_seconds = 30.0
+        self.heartbeat_seconds = 7.5
+        self.report_interval = 0.02
+        self._limiter = anyio.CapacityLimiter(config.concurrency)
+        self._threads = anyio.CapacityLimiter(config.concurrency)
+        self._pending: list[_Pending] = []
+        self._pending_event = anyio.Event()
+        self._draining = anyio.Event()
+        self._feed_scope = anyio.CancelScope()
+        self._connected_once = False
+        self._idle = anyio.Event()
+        self.client: WorkerClient | None = None
+        self._runs: TaskGroup
+        self.fatal: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until drained (signal or `drain()`), or a fatal refusal."""
+        client = WorkerClient(self.config.url, self.config.token, self.worker_id, timeout=10.0)
+        self.client = client
+        self.hub.worker_route = HttpRoute(self.config.url, self.config.token, client=client.http)
+        import asyncio
+
+        self.hub.worker_loop = asyncio.get_running_loop()
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.config.handle_signals:
+                    tg.start_soon(self._signals)
+                reporter_scope = anyio.CancelScope()
+                heartbeat_scope = anyio.CancelScope()
+                tg.start_soon(self._reporter, reporter_scope)
+                tg.start_soon(self._heartbeats, heartbeat_scope)
+                async with anyio.create_task_group() as runs:
+                    self._runs = runs
+                    with self._feed_scope:
+                        await self._feed(runs)
+                    # The feed ended: we are draining.
+                    await self._drain(runs)
+                # Every run has its final report queued; send them, shielded.
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(10):
+                        await self._flush_all()
+                heartbeat_scope.cancel()
+                reporter_scope.cancel()
+                tg.cancel_scope.cancel()
+        finally:
+            self.hub.worker_route = None
+            self.hub.worker_loop = None
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+        if self.fatal is not None:
+            raise self.fatal
+
+    def drain(self) -> None:
+        """Stop taking runs; finish the running ones; hand back the rest."""
+        if not self._draining.is_set():
+            self._draining.set()
+            self._feed_scope.cancel()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                if not self._draining.is_set():
+                    log.info(
+                        "Received %s: finishing running runs (up to %.0fs), handing back the rest",
+                        signal.Signals(signum).name,
+                        self.config.grace_seconds,
+                    )
+                    self.drain()
+                else:
+                    log.warning("Second signal: handing back running runs now")
+                    for held in list(self.held.values()):
+                        if held.started and not held.finished:
+                            held.stop("shutdown")
+
+    async def _drain(self, runs: TaskGroup) -> None:
+        for held in list(self.held.values()):
+            if not held.started:
+                held.stop("shutdown")
+        with anyio.move_on_after(self.config.grace_seconds):
+            while any(h.started and not h.finished for h in self.held.values()):
+                await anyio.sleep(0.05)
+        for held in list(self.held.values()):
+            if not held.finished:
+                held.stop("shutdown")
+        # Sync tasks cannot be interrupted: wait for their threads a little
+        # longer; runs still going after that are left to their lease.
+        with anyio.move_on_after(5):
+            while any(not h.finished for h in self.held.values()):
+                await anyio.sleep(0.05)
+        runs.cancel_scope.cancel()
+
+    # -- the feed --------------------------------------------------------
+
+    async def _feed(self, runs: TaskGroup) -> None:
+        assert self.client is not None
+        delay = 0.1
+        names = sorted(self.tasks)
+        while not self._draining.is_set():
+            try:
+                async for kind, payload in self.client.feed(names, self.config.slots):
+                    if kind == "hello":
+                        self._hello(payload)
+                        delay = 0.1
+                    elif kind == "runs":
+                        for delivery in payload:
+                            self._receive(delivery, runs)
+                    elif kind == "bye":
+                        log.debug("Feed closed by the server; reconnecting")
+                continue
+            except AccessDenied as exc:
+                log.error("%s", exc)
+                self.fatal = exc
+                self.drain()
+                return
+            except (httpx.HTTPError, BgTasksError, ValueError) as exc:
+                log.warning(
+                    "Feed at %s unavailable (%s: %s); retrying in %.1fs",
+                    self.config.url,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            await anyio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.config.max_reconnect_seconds)
+
+    def _hello(self, hello: Any) -> None:
+        self.lease_seconds = hello.lease_seconds
+        self.heartbeat_seconds = hello.heartbeat_seconds
+        self.report_interval = hello.report_interval
+        if not self._connected_once:
+            self._connected_once = True
+            log.info(
+                "Worker %s connected to %s (%d tasks)",
+                self.worker_id,
+                self.config.url,
+                len(self.tasks),
+            )
+        else:
+            log.info("Worker %s reconnected to %s", self.worker_id, self.config.url)
+
+    def _receive(self, delivery: Delivery, runs: TaskGroup) -> None:
+        if delivery.id in self.held:
+            return  # re-sent after a reconnect: already ours
+        held = Held(
+            delivery=delivery,
+            context=RunContext(str(delivery.id), delivery.task, delivery.attempt),
+            last_renewed=time.monotonic(),
+        )
+        self.held[delivery.id] = held
+        runs.start_soon(self._execute, held, name=f"run {delivery.id}")
+
+    # -- running one run -------------------------------------------------
+
+    async def _execute(self, held: Held) -> None:
+        d = held.delivery
+        acquired = False
+        with held.wait_scope:
+            await self._limiter.acquire()
+            acquired = True
+        if not acquired:
+            # Never started: hand it back (or, if cancelled, say so).
+            if held.stop_reason == "cancel":
+                self._final(held, Report(run_id=d.id, lease_token=d.lease_token, state="CANCELLED"))
+            elif held.stop_reason == "lost":
+                self._forget(held)
+            else:
+                self._final(held, Report(run_id=d.id, lease_token=d.lease_token, state="RELEASED"))
+            return
+        try:
+            held.started = True
+            self._enqueue(
+                Report(run_id=d.id, lease_token=d.lease_token, state="RUNNING"),
+                self._on_running_outcome(held),
+            )
+            log.info("Received task run: %s - %s", d.id, d.task)
+            report = await self._call(held)
+        finally:
+            self._limiter.release()
+        held.finished = True
+        if held.stop_reason == "lost":
+            log.warning("Task run %s - %s: lease lost; result dropped", d.id, d.task)
+            self._forget(held)
+            return
+        log.info("Task run %s - %s: Finished in state %s", d.id, d.task, _state_label(report))
+        self._final(held, report)
+
+    async def _call(self, held: Held) -> Report:
+        d = held.delivery
+        base = {"run_id": d.id, "lease_token": d.lease_token}
+        task = self.tasks.get(d.task)
+        if task is None:  # the feed only sends what we asked for; defensive
+            return Report(
+                **base,
+                state="FAILED",
+                error=ErrorInfo(
+                    type="UnknownTask", message=f"This worker does not serve task {d.task!r}."
+                ),
+            )
+        try:
+            args, kwargs = task.load_arguments(d.args, d.kwargs)
+        except ValidationError as exc:
+            return Report(**base, state="FAILED", error=_error_info(exc))
+        token = _current.set(held.context)
+        if d.timeout_seconds:
+            self._runs.start_soon(self._deadline, held, d.timeout_seconds)
+        value: Any = None
+        try:
+            with anyio.CancelScope() as scope:
+                held.scope = scope
+                if held.stop_reason is not None:
+                    scope.cancel()
+                if task.is_async:
+                    value = await task.fn(*args, **kwargs)
+                else:
+                    # A thread cannot be interrupted: it keeps its slot and
+                    # lease until it returns (DESIGN §4, sync tasks).
+                    value = await anyio.to_thread.run_sync(
+                        lambda: task.fn(*args, **kwargs),
+                        abandon_on_cancel=False,
+                        limiter=self._threads,
+                    )
+        except Exception as exc:
+            if held.stop_reason is None:
+                return Report(**base, state="FAILED", error=_error_info(exc))
+        finally:
+            _current.reset(token)
+            held.scope = None
+            held.deadline_scope.cancel()
+        reason = held.stop_reason
+        if reason == "timeout":
+            return Report(
+                **base,
+                state="FAILED",
+                error=ErrorInfo(
+                    type="TimeoutError",
+                    message=f"The run took longer than its timeout of {d.timeout_seconds:g}s.",
+                ),
+            )
+        if reason == "cancel":
+            return Report(**base, state="CANCELLED")
+        if reason == "shutdown":
+            return Report(**base, state="RELEASED")
+        if reason == "lost":
+            return Report(**base, state="RELEASED")  # dropped by the caller
+        try:
+            result = task.dump_result(value)
+        except NotSerializable as exc:
+            return Report(
+                **base, state="FAILED", error=ErrorInfo(type="NotSerializable", message=str(exc))
+            )
+        size = _json_size(result)
+        if size > self.config.max_result_bytes:
+            return Report(
+                **base,
+                state="FAILED",
+                error=ErrorInfo(
+                    type="ResultTooLarge",
+                    message=f"The result is {size} bytes as JSON; the limit is "
+                    f"{self.config.max_result_bytes}.",
+                ),
+            )
+        return Report(**base, state="COMPLETED", result=result)
+
+    async def _deadline(self, held: Held, seconds: float) -> None:
+        with held.deadline_scope:
+            await anyio.sleep(seconds)
+            held.stop("timeout")
+
+    def _forget(self, held: Held) -> None:
+        held.finished = True
+        self.held.pop(held.delivery.id, None)
+
+    def _final(self, held: Held, report: Report) -> None:
+        held.finished = True
+
+        def settled(_outcome: str) -> None:
+            # Keep renewing the lease until the final report has landed.
+            self.held.pop(held.delivery.id, None)
+
+        self._enqueue(report, settled)
+
+    def _on_running_outcome(self, held: Held) -> Callable[[str], None]:
+        def check(outcome: str) -> None:
+            if outcome in ("stale", "unknown"):
+                log.warning("Run %s is no longer ours (%s); stopping it", held.delivery.id, outcome)
+                held.stop("lost")
+
+        return check
+
+    # -- reports ---------------------------------------------------------
+
+    def _enqueue(self, report: Report, on_outcome: Callable[[str], None] | None) -> None:
+        self._pending.append(_Pending(report, on_outcome))
+        self._pending_event.set()
+
+    async def _reporter(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await self._pending_event.wait()
+                # A short window lets one POST carry many reports.
+                await anyio.sleep(self.report_interval)
+                await self._flush_once()
+
+    async def _flush_all(self) -> None:
+        while self._pending:
+            if not await self._flush_once():
+                await anyio.sleep(0.2)
+
+    async def _flush_once(self) -> bool:
+        """Send what is queued, oldest first; on failure keep it queued."""
+        assert self.client is not None
+        delay = 0.1
+        while self._pending:
+            batch = self._pending[:MAX_BATCH]
+            try:
+                outcomes = await self.client.post_reports([p.report for p in batch])
+            except AccessDenied as exc:
+                log.error("Reports refused: %s", exc)
+                return False
+            except (httpx.HTTPError, BgTasksError) as exc:
+                log.warning("Reports not delivered (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+                continue
+            del self._pending[: len(batch)]
+            for pending, outcome in zip(batch, outcomes, strict=False):
+                if outcome == "stale" and pending.report.state != "RUNNING":
+                    log.warning(
+                        "Run %s: report refused as stale (the lease moved on); dropped",
+                        pending.report.run_id,
+                    )
+                if pending.on_outcome is not None:
+                    pending.on_outcome(outcome)
+        self._pending_event = anyio.Event()
+        return True
+
+    # -- heartbeats ------------------------------------------------------
+
+    async def _heartbeats(self, scope: anyio.CancelScope) -> None:
+        assert self.client is not None
+        with scope:
+            while True:
+                await anyio.sleep(self.heartbeat_seconds)
+                held = [h for h in self.held.values()]
+                if held:
+                    await self._beat(held)
+                self._fence()
+
+    async def _beat(self, held: list[Held]) -> None:
+        assert self.client is not None
+        sent_at = time.monotonic()
+        try:
+            with anyio.fail_after(self._request_timeout()):
+                answer = await self.client.heartbeat([h.lease for h in held])
+        except (httpx.HTTPError, BgTasksError, TimeoutError) as exc:
+            log.warning("Heartbeat failed (%s: %s)", type(exc).__name__, exc)
+            return
+        renewed = set(answer.renewed)
+        for h in held:
+            if h.delivery.id in renewed:
+                h.last_renewed = sent_at
+        for run_id in answer.stop:
+            h2 = self.held.get(run_id)
+            if h2 is not None and not h2.finished:
+                log.warning("Run %s: lease no longer ours; stopping it", run_id)
+                h2.stop("lost")
+        for run_id in answer.cancel:
+            h3 = self.held.get(run_id)
+            if h3 is not None and not h3.finished:
+                log.info("Run %s: cancel requested", run_id)
+                h3.stop("cancel")
+
+    def _request_timeout(self) -> float:
+        return max(0.2, min(5.0, self.lease_seconds / 6))
+
+    def _fence(self) -> None:
+        """Stop runs whose lease may expire before we can renew it, so this
+        worker never overlaps the one the run goes to next."""
+        margin = self.heartbeat_seconds + self._request_timeout()
+        limit = self.lease_seconds - margin
+        now = time.monotonic()
+        for h in list(self.held.values()):
+            if not h.finished and now - h.last_renewed > limit:
+                log.warning(
+                    "Run %s: lease not renewed for %.1fs; stopping it before it expires",
+                    h.delivery.id,
+                    now - h.last_renewed,
+                )
+                h.stop("lost")
+
+
+def _json_size(value: Any) -> int:
+    import json
+
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > MAX_TRACEBACK:
+        text = text[-MAX_TRACEBACK:]
+    return ErrorInfo(type=type(exc).__name__, message=str(exc)[:10000], traceback=text)
+
+
+def _state_label(report: Report) -> str:
+    if report.state == "COMPLETED":
+        return "Completed()"
+    if report.state == "FAILED":
+        error = report.error
+        return f"Failed('{error.type}: {error.message}')" if error else "Failed()"
+    if report.state == "CANCELLED":
+        return "Cancelled()"
+    return "HandedBack()"
+
+
+async def run_worker(hub: BgTasks, task_names: list[str], config: WorkerConfig) -> None:
+    await Worker(hub, task_names, config).run()
