@@ -23,7 +23,8 @@ from .errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from .models import RunDocument, document_from_row
+from .access import operator_access
+from .models import ErrorBody, RunDocument, SubmitRequest, document_from_row
 from .taskrun import TaskRun
 
 if TYPE_CHECKING:
@@ -255,9 +256,7 @@ class HttpRoute:
 
 def submit_router(hub: BgTasks) -> Any:
     """`POST /runs`: submit a run by task name (operators, other services)."""
-    from .access import operator_access
     from .app import check_schedule
-    from .models import ErrorBody, SubmitRequest
 
     router = APIRouter()
 

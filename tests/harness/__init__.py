@@ -1,0 +1,1 @@
+"""Real processes for tests: a host app under uvicorn and worker CLIs."""
