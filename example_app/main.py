@@ -1,6 +1,6 @@
 """The example web app: the seed's FastAPI examples on fastapi_bgtasks.
 
-    uvicorn example_app.main:app
+uvicorn example_app.main:app
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ async def root() -> dict[str, str]:
 
 
 @app.post("/task", status_code=202)
-async def run_task(name: str = "Marvin", submit: Submitter = Depends(bg.submitter)) -> dict[str, str]:
+async def run_task(
+    name: str = "Marvin", submit: Submitter = Depends(bg.submitter)
+) -> dict[str, str]:
     """Defer the greeting; poll /tasks/runs/{task_run_id} for its result."""
     run = await submit.delay(my_background_task, name)
     return {"task_run_id": str(run.id)}

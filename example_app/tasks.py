@@ -1,6 +1,6 @@
 """Tasks of the example app. Workers import this module:
 
-    python -m fastapi_bgtasks.worker example_app.tasks --url http://127.0.0.1:8000/tasks
+python -m fastapi_bgtasks.worker example_app.tasks --url http://127.0.0.1:8000/tasks
 """
 
 from __future__ import annotations

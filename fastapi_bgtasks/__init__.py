@@ -49,6 +49,7 @@ __all__ = [
     "SubmitError",
     "Submitter",
     "Task",
+    "TaskNotFound",
     "TaskRun",
     "TaskRunFailed",
     "__version__",

@@ -5,7 +5,7 @@ one FastAPI sub-app, the body limit, and one JSON error shape for all errors.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

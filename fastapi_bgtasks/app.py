@@ -158,7 +158,7 @@ class BgTasks:
         on_worker_lost: OnWorkerLost = "retry",
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(
+    def task(  # type: ignore[misc]  # mypy cannot match a ParamSpec across overloads
         self,
         fn: Callable[P, R] | None = None,
         /,

@@ -186,5 +186,6 @@ class TaskRunFailed(BgTasksError):
         self.error_message = error_message
         state_name = getattr(state, "value", state)
         super().__init__(
-            f"Task run {run_id} ended {state_name}: {error_type or 'no error'}: {error_message or ''}"
+            f"Task run {run_id} ended {state_name}: "
+            f"{error_type or 'no error'}: {error_message or ''}"
         )

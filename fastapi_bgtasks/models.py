@@ -26,6 +26,7 @@ __all__ = [
     "Report",
     "ReportBatch",
     "ReportOutcomes",
+    "ReportState",
     "RunDocument",
     "RunPage",
     "RunState",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     """Where a run is on its path. See docs/architecture.md for the diagram."""
 
     SCHEDULED = "SCHEDULED"
@@ -49,9 +50,6 @@ class RunState(str, enum.Enum):
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATES
-
-    def __str__(self) -> str:
-        return self.value
 
 
 TERMINAL_STATES = frozenset(

@@ -52,10 +52,18 @@ def status_router(hub: BgTasks) -> Any:
     router = APIRouter()
     check = operator_check(hub)
     require_operator = operator_access(hub)
-    not_found = {404: {"model": ErrorBody, "description": "No such run"}}
-    unavailable = {503: {"model": ErrorBody, "description": "Store unavailable"}}
-    denied = {401: {"model": ErrorBody, "description": "No operator access"}}
-    invalid = {422: {"model": ErrorBody, "description": "Invalid parameters"}}
+    not_found: dict[int | str, dict[str, Any]] = {
+        404: {"model": ErrorBody, "description": "No such run"}
+    }
+    unavailable: dict[int | str, dict[str, Any]] = {
+        503: {"model": ErrorBody, "description": "Store unavailable"}
+    }
+    denied: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorBody, "description": "No operator access"}
+    }
+    invalid: dict[int | str, dict[str, Any]] = {
+        422: {"model": ErrorBody, "description": "Invalid parameters"}
+    }
 
     async def load(run_id: uuid.UUID, full: bool) -> RunDocument:
         row = await _running(hub).store.get_run(run_id)

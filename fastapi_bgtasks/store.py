@@ -927,7 +927,7 @@ class Store:
                     dsn, timeout=10, server_settings={"application_name": "fastapi_bgtasks"}
                 )
                 lost = anyio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(
                     NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(payload)
                 )

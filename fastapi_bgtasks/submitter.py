@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 from fastapi import APIRouter, Depends, Header, Response
 
+from .access import operator_access
 from .errors import (
     IdempotencyConflict,
     PayloadTooLarge,
@@ -23,7 +24,6 @@ from .errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from .access import operator_access
 from .models import ErrorBody, RunDocument, SubmitRequest, document_from_row
 from .taskrun import TaskRun
 

@@ -95,9 +95,7 @@ def _arguments_model(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel]
         aliases[param.name] = field
         fields[field] = (annotation, Field(default, alias=param.name))
     try:
-        model = create_model(  # type: ignore[call-overload]
-            f"{name}_arguments", __config__=_ARG_CONFIG, **fields
-        )
+        model = create_model(f"{name}_arguments", __config__=_ARG_CONFIG, **fields)
     except (PydanticSchemaGenerationError, TypeError) as exc:
         raise ConfigurationError(
             f"Task {name!r}: a parameter's type cannot be carried as JSON ({exc}). "
@@ -135,7 +133,7 @@ class Task(Generic[P, R]):
                 f"Task {name!r}: its return type cannot be carried as JSON ({exc})."
             ) from exc
         self.retry_delays = options.retry_delays()
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} of {self.fn.__module__}.{self.fn.__qualname__}>"
@@ -199,16 +197,14 @@ class Task(Generic[P, R]):
             for i, name in enumerate(self._signature.parameters)
             if name in bound.arguments
         }
-        rebound = inspect.BoundArguments(self._signature, values)  # type: ignore[arg-type]
+        rebound = inspect.BoundArguments(self._signature, values)
         return rebound.args, rebound.kwargs
 
     def _split(self, data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         # Only the arguments the caller passed are stored (defaults apply in
         # the worker), so the stored call reads like the call that was made.
-        return (
-            list(inspect.BoundArguments(self._signature, data).args),  # type: ignore[arg-type]
-            dict(inspect.BoundArguments(self._signature, data).kwargs),  # type: ignore[arg-type]
-        )
+        bound = inspect.BoundArguments(self._signature, data)
+        return list(bound.args), dict(bound.kwargs)
 
     def _binding_error(self, exc: TypeError, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError

@@ -8,8 +8,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import anyio
+import asyncpg
 import pytest
 
 from fastapi_bgtasks import BgTasks

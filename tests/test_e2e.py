@@ -29,7 +29,9 @@ def wait_terminal(base: str, run_id: str, timeout: float = timing.DEADLINE) -> d
         time.sleep(0.02)
 
 
-def wait_state(base: str, run_id: str, state: str, timeout: float = timing.DEADLINE) -> dict[str, Any]:
+def wait_state(
+    base: str, run_id: str, state: str, timeout: float = timing.DEADLINE
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         doc = httpx.get(f"{base}/tasks/runs/{run_id}", timeout=5).json()
@@ -41,7 +43,9 @@ def wait_state(base: str, run_id: str, state: str, timeout: float = timing.DEADL
 
 
 def submit(base: str, task: str, *args: Any, **kwargs: Any) -> str:
-    response = httpx.post(f"{base}/tasks/runs", json={"task": task, "args": list(args), "kwargs": kwargs})
+    response = httpx.post(
+        f"{base}/tasks/runs", json={"task": task, "args": list(args), "kwargs": kwargs}
+    )
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 

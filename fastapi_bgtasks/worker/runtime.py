@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
 from ..errors import AccessDenied, BgTasksError, ConfigurationError, NotSerializable
-from ..models import Delivery, ErrorInfo, Report
+from ..models import Delivery, ErrorInfo, Report, ReportState
 from ..submitter import HttpRoute
 from .client import WorkerClient
 from .context import RunContext, _current
@@ -138,7 +138,7 @@ class Worker:
         self._draining = anyio.Event()
         self._feed_scope = anyio.CancelScope()
         self._connected_once = False
-        self._idle = anyio.Event()
+        self._finished = anyio.Event()  # replaced each time a run finishes
         self.client: WorkerClient | None = None
         self._runs: TaskGroup
         self.fatal: BaseException | None = None
@@ -209,17 +209,24 @@ class Worker:
             if not held.started:
                 held.stop("shutdown")
         with anyio.move_on_after(self.config.grace_seconds):
-            while any(h.started and not h.finished for h in self.held.values()):
-                await anyio.sleep(0.05)
+            await self._until(lambda: all(h.finished or not h.started for h in self.held.values()))
         for held in list(self.held.values()):
             if not held.finished:
                 held.stop("shutdown")
         # Sync tasks cannot be interrupted: wait for their threads a little
         # longer; runs still going after that are left to their lease.
         with anyio.move_on_after(5):
-            while any(not h.finished for h in self.held.values()):
-                await anyio.sleep(0.05)
+            await self._until(lambda: all(h.finished for h in self.held.values()))
         runs.cancel_scope.cancel()
+
+    async def _until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._finished.wait()
+
+    def _mark_finished(self, held: Held) -> None:
+        held.finished = True
+        self._finished.set()
+        self._finished = anyio.Event()
 
     # -- the feed --------------------------------------------------------
 
@@ -308,7 +315,7 @@ class Worker:
             report = await self._call(held)
         finally:
             self._limiter.release()
-        held.finished = True
+        self._mark_finished(held)
         if held.stop_reason == "lost":
             log.warning("Task run %s - %s: lease lost; result dropped", d.id, d.task)
             self._forget(held)
@@ -318,12 +325,11 @@ class Worker:
 
     async def _call(self, held: Held) -> Report:
         d = held.delivery
-        base = {"run_id": d.id, "lease_token": d.lease_token}
         task = self.tasks.get(d.task)
         if task is None:  # the feed only sends what we asked for; defensive
-            return Report(
-                **base,
-                state="FAILED",
+            return _report(
+                d,
+                "FAILED",
                 error=ErrorInfo(
                     type="UnknownTask", message=f"This worker does not serve task {d.task!r}."
                 ),
@@ -331,7 +337,7 @@ class Worker:
         try:
             args, kwargs = task.load_arguments(d.args, d.kwargs)
         except ValidationError as exc:
-            return Report(**base, state="FAILED", error=_error_info(exc))
+            return _report(d, "FAILED", error=_error_info(exc))
         token = _current.set(held.context)
         if d.timeout_seconds:
             self._runs.start_soon(self._deadline, held, d.timeout_seconds)
@@ -353,45 +359,43 @@ class Worker:
                     )
         except Exception as exc:
             if held.stop_reason is None:
-                return Report(**base, state="FAILED", error=_error_info(exc))
+                return _report(d, "FAILED", error=_error_info(exc))
         finally:
             _current.reset(token)
             held.scope = None
             held.deadline_scope.cancel()
         reason = held.stop_reason
         if reason == "timeout":
-            return Report(
-                **base,
-                state="FAILED",
+            return _report(
+                d,
+                "FAILED",
                 error=ErrorInfo(
                     type="TimeoutError",
                     message=f"The run took longer than its timeout of {d.timeout_seconds:g}s.",
                 ),
             )
         if reason == "cancel":
-            return Report(**base, state="CANCELLED")
+            return _report(d, "CANCELLED")
         if reason == "shutdown":
-            return Report(**base, state="RELEASED")
+            return _report(d, "RELEASED")
         if reason == "lost":
-            return Report(**base, state="RELEASED")  # dropped by the caller
+            return _report(d, "RELEASED")  # dropped by the caller
         try:
             result = task.dump_result(value)
         except NotSerializable as exc:
-            return Report(
-                **base, state="FAILED", error=ErrorInfo(type="NotSerializable", message=str(exc))
-            )
+            return _report(d, "FAILED", error=ErrorInfo(type="NotSerializable", message=str(exc)))
         size = _json_size(result)
         if size > self.config.max_result_bytes:
-            return Report(
-                **base,
-                state="FAILED",
+            return _report(
+                d,
+                "FAILED",
                 error=ErrorInfo(
                     type="ResultTooLarge",
                     message=f"The result is {size} bytes as JSON; the limit is "
                     f"{self.config.max_result_bytes}.",
                 ),
             )
-        return Report(**base, state="COMPLETED", result=result)
+        return _report(d, "COMPLETED", result=result)
 
     async def _deadline(self, held: Held, seconds: float) -> None:
         with held.deadline_scope:
@@ -399,11 +403,11 @@ class Worker:
             held.stop("timeout")
 
     def _forget(self, held: Held) -> None:
-        held.finished = True
+        self._mark_finished(held)
         self.held.pop(held.delivery.id, None)
 
     def _final(self, held: Held, report: Report) -> None:
-        held.finished = True
+        self._mark_finished(held)
 
         def settled(_outcome: str) -> None:
             # Keep renewing the lease until the final report has landed.
@@ -519,6 +523,12 @@ class Worker:
                     now - h.last_renewed,
                 )
                 h.stop("lost")
+
+
+def _report(
+    d: Delivery, state: ReportState, *, result: Any = None, error: ErrorInfo | None = None
+) -> Report:
+    return Report(run_id=d.id, lease_token=d.lease_token, state=state, result=result, error=error)
 
 
 def _json_size(value: Any) -> int:

@@ -34,8 +34,14 @@ def _ledger(event: str, **extra: object) -> None:
     if not path or run is None:
         return
     line = json.dumps(
-        {"run_id": run.run_id, "attempt": run.attempt, "pid": os.getpid(), "event": event,
-         "t": time.time(), **extra}
+        {
+            "run_id": run.run_id,
+            "attempt": run.attempt,
+            "pid": os.getpid(),
+            "event": event,
+            "t": time.time(),
+            **extra,
+        }
     )
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -45,7 +45,9 @@ class Proc:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = timing.DEADLINE, start: int = 0) -> re.Match[str]:
+    def wait_for(
+        self, pattern: str, timeout: float = timing.DEADLINE, start: int = 0
+    ) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
         while time.monotonic() < deadline:
@@ -56,8 +58,9 @@ class Proc:
                 match = regex.search(self.output(), start)
                 if match:
                     return match
+                code = self.popen.returncode
                 raise AssertionError(
-                    f"{self.args} exited {self.popen.returncode} before {pattern!r}:\n{self.output()}"
+                    f"{self.args} exited {code} before {pattern!r}:\n{self.output()}"
                 )
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {pattern!r} in:\n{self.output()}")
@@ -113,8 +116,20 @@ def start_app(
     """uvicorn on a loopback port; returns once /tasks/health answers 200."""
     port = port or free_port()
     proc = Proc(
-        [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--timeout-graceful-shutdown", "10"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            module,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--timeout-graceful-shutdown",
+            "10",
+        ],
         tmp / f"{name}-{port}.log",
         child_env(db_url, tmp, **env),
     )
@@ -146,8 +161,17 @@ def start_worker(
     """The worker CLI; returns once it logged that it connected."""
     log = tmp / f"{name}-{time.monotonic_ns()}.log"
     proc = Proc(
-        [sys.executable, "-m", "fastapi_bgtasks.worker", *modules, "--url", url,
-         "--concurrency", str(concurrency), *args],
+        [
+            sys.executable,
+            "-m",
+            "fastapi_bgtasks.worker",
+            *modules,
+            "--url",
+            url,
+            "--concurrency",
+            str(concurrency),
+            *args,
+        ],
         log,
         # Workers hold no database credentials: prove it by not passing any.
         {k: v for k, v in child_env(db_url, tmp, **env).items() if k != "BGTASKS_DATABASE_URL"},

@@ -1,0 +1,1 @@
+"""Benchmarks of the hot paths (submit, claim, deliver, report): `python -m benchmarks`."""
