@@ -388,7 +388,7 @@ class BgTasks:
     def serve(self, *tasks: Task[Any, Any], url: str | None = None, **options: Any) -> None:
         """Run a worker for these tasks (default: all) in this process, until
         interrupted. The seed's `serve()`; same runtime as the CLI."""
-        from .worker.runtime import WorkerConfig, run_worker
+        from .worker.runtime import WorkerConfig, configure_logging, run_worker
 
         target = url or self.remote_url
         if not target:
@@ -397,6 +397,7 @@ class BgTasks:
                 "(e.g. http://127.0.0.1:8000/tasks) or set BGTASKS_URL."
             )
         names = [t.name for t in tasks] or sorted(self.tasks)
+        configure_logging(options.pop("log_level", "INFO"))
         config = WorkerConfig(url=target, token=options.pop("token", self.token), **options)
         anyio.run(run_worker, self, names, config)
 

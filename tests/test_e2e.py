@@ -316,3 +316,84 @@ def test_a_worker_drains_on_sigterm(
         assert doc["state"] == "SCHEDULED" and doc["attempt"] == 0
     workers.append(start_worker(f"{base}/tasks", db_url, tmp_path))
     assert all(wait_terminal(base, r)["state"] == "COMPLETED" for r in waiting)
+
+
+def test_run_events_stream_state_changes_until_the_end(served: str) -> None:
+    run_id = submit(served, "sleep_async", 0.3)
+    events: list[tuple[str, dict[str, Any]]] = []
+    with httpx.Client(timeout=httpx.Timeout(10.0)) as client:
+        with client.stream("GET", f"{served}/tasks/runs/{run_id}/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event:
+                    events.append((event, json.loads(line.split(":", 1)[1])))
+                    if event == "end":
+                        break
+    states = [data["state"] for kind, data in events if kind == "state"]
+    assert states[-1] == "COMPLETED"
+    assert "RUNNING" in states or "PENDING" in states or states[0] == "SCHEDULED"
+    assert events[-1] == ("end", {"state": "COMPLETED"})
+
+
+def test_events_of_an_unknown_run_are_a_404(served: str) -> None:
+    response = httpx.get(f"{served}/tasks/runs/00000000-0000-4000-8000-000000000000/events")
+    assert response.status_code == 404
+    assert response.json()["error"] == "run_not_found"
+
+
+def test_a_script_without_a_schema_fails_naming_the_database(tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    script = "import anyio\nfrom tests.harness.hostapp import greet\nanyio.run(greet.delay, 'x')\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=child_env(f"sqlite+aiosqlite:///{db}", tmp_path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "SchemaError" in out.stderr
+    assert str(db) in out.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_an_app_restart(
+    db_url: str, tmp_path: Path, workers: list[Proc]
+) -> None:
+    proc, base = start_app(db_url, tmp_path)
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        worker = start_worker(f"{base}/tasks", db_url, tmp_path)
+        workers.append(worker)
+        assert wait_terminal(base, submit(base, "add", 1, 1))["result"] == 2
+        proc.stop()
+        proc, base = start_app(db_url, tmp_path, port=port)
+        worker.wait_for(r"reconnected to")
+        assert wait_terminal(base, submit(base, "add", 2, 2))["result"] == 4
+    finally:
+        proc.stop()
+
+
+def test_bg_serve_runs_the_same_worker_in_process(
+    served: str, shared_db: tuple[str, Path], tmp_path: Path
+) -> None:
+    script = (
+        "import sys\n"
+        "from tests.harness.hostapp import bg, greet\n"
+        "bg.serve(greet, url=sys.argv[1])\n"
+    )
+    env = {
+        k: v for k, v in child_env(shared_db[0], tmp_path).items() if k != "BGTASKS_DATABASE_URL"
+    }
+    proc = Proc([sys.executable, "-c", script, f"{served}/tasks"], tmp_path / "serve.log", env)
+    try:
+        proc.wait_for(r"Worker \S+ connected to \S+ \(1 tasks\)")
+        doc = wait_terminal(served, submit(served, "greet", "served"))
+        assert doc["result"] == "Hello, served!"
+    finally:
+        assert proc.stop() == 0

@@ -20,7 +20,7 @@ import anyio
 from ..app import BgTasks
 from ..errors import AccessDenied, BgTasksError
 from ..tasks import Task
-from .runtime import WorkerConfig, run_worker
+from .runtime import WorkerConfig, configure_logging, run_worker
 
 log = logging.getLogger("fastapi_bgtasks.worker")
 
@@ -114,13 +114,7 @@ def find_hub(specs: list[str]) -> tuple[BgTasks, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # One line per request would drown the run lines.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(args.log_level)
     if not args.url:
         print("error: pass --url (the mounted task API) or set BGTASKS_URL", file=sys.stderr)
         return 2

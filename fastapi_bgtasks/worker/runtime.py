@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..app import BgTasks
     from ..tasks import Task
 
-__all__ = ["Worker", "WorkerConfig", "run_worker"]
+__all__ = ["Worker", "WorkerConfig", "configure_logging", "run_worker"]
 
 log = logging.getLogger("fastapi_bgtasks.worker")
 
@@ -553,6 +553,19 @@ def _state_label(report: Report) -> str:
     if report.state == "CANCELLED":
         return "Cancelled()"
     return "HandedBack()"
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """The worker's log format, unless the host configured logging already."""
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s.%(msecs)03d | %(levelname)-7s | %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # One line per request would drown the run lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 async def run_worker(hub: BgTasks, task_names: list[str], config: WorkerConfig) -> None:
