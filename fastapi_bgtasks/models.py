@@ -28,9 +28,11 @@ __all__ = [
     "ReportOutcomes",
     "ReportState",
     "RunDocument",
+    "RunHistory",
     "RunPage",
     "RunState",
     "SubmitRequest",
+    "Transition",
     "document_from_row",
     "format_time",
 ]
@@ -145,6 +147,25 @@ class RunPage(BaseModel):
 
     runs: list[RunDocument]
     next_cursor: str | None = None
+
+
+class Transition(BaseModel):
+    """One state change: `from_state` is null for the run's creation."""
+
+    from_state: RunState | None
+    to_state: RunState
+    attempt: int
+    reason: str | None = None
+    at: datetime
+
+    @field_serializer("at")
+    def _time(self, value: datetime) -> str | None:
+        return format_time(value)
+
+
+class RunHistory(BaseModel):
+    run_id: uuid.UUID
+    transitions: list[Transition]
 
 
 class SubmitRequest(_Wire):

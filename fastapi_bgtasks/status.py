@@ -16,7 +16,15 @@ from fastapi import APIRouter, Depends, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from .errors import BgTasksError, RunNotFound, StoreUnavailable
-from .models import ErrorBody, RunDocument, RunPage, RunState, document_from_row
+from .models import (
+    ErrorBody,
+    RunDocument,
+    RunHistory,
+    RunPage,
+    RunState,
+    Transition,
+    document_from_row,
+)
 
 if TYPE_CHECKING:
     from .app import BgTasks, Running
@@ -106,6 +114,32 @@ def status_router(hub: BgTasks) -> Any:
             last = page[-1]
             next_cursor = encode_cursor(last["created_at"], last["id"])
         return RunPage(runs=[document_from_row(r) for r in page], next_cursor=next_cursor)
+
+    @router.get(
+        "/runs/{run_id}/history",
+        response_model=RunHistory,
+        summary="Every state change of a run, oldest first",
+        dependencies=[Depends(require_operator)],
+        responses={**denied, **not_found, **invalid, **unavailable},
+    )
+    async def get_history(run_id: uuid.UUID) -> RunHistory:
+        store = _running(hub).store
+        rows = await store.run_history(run_id)
+        if not rows:
+            raise RunNotFound(f"No run has id {run_id}.")
+        return RunHistory(
+            run_id=run_id,
+            transitions=[
+                Transition(
+                    from_state=r["from_state"],
+                    to_state=r["to_state"],
+                    attempt=r["attempt"],
+                    reason=r["reason"],
+                    at=r["at"],
+                )
+                for r in rows
+            ],
+        )
 
     @router.post(
         "/runs/{run_id}/cancel",

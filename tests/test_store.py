@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -272,6 +272,37 @@ async def test_a_repeated_idempotency_key_returns_the_stored_run(store: Store) -
     assert len(await store.list_runs(state=None, task=None, limit=10, cursor=None)) == 1
 
 
+async def test_two_submissions_racing_with_one_idempotency_key_store_one_run(
+    store: Store, second_store: Store
+) -> None:
+    options: dict[str, Any] = {
+        "task": TASK,
+        "args": ["x"],
+        "kwargs": {},
+        "max_attempts": 1,
+        "max_rescues": 3,
+        "retry_delays": [0.0],
+        "timeout_seconds": None,
+        "priority": 0,
+        "countdown": None,
+        "eta": None,
+        "idempotency_key": "race",
+    }
+    (one, created_one), (two, created_two) = await asyncio.gather(
+        store.insert_run(**options), second_store.insert_run(**options)
+    )
+    assert sorted([created_one, created_two]) == [False, True]
+    assert one["id"] == two["id"]
+    assert len(await store.list_runs(state=None, task=None, limit=10, cursor=None)) == 1
+
+
+async def test_an_eta_is_stored_as_the_same_instant_in_utc(store: Store) -> None:
+    eta = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2)))
+    row = await submit(store, eta=eta)
+    assert row["scheduled_at"] == eta
+    assert (await fetch(store, row["id"]))["scheduled_at"].utcoffset() == timedelta(0)
+
+
 async def test_an_idempotency_key_is_unique_per_task_not_across_tasks(store: Store) -> None:
     one = await submit(store, task="a", idempotency_key="k")
     two = await submit(store, task="b", idempotency_key="k")
@@ -379,6 +410,17 @@ async def test_a_countdown_run_becomes_claimable_once_due(store: Store) -> None:
     assert await claim(store) == []
     claimed = await eventually(lambda: claim(store))
     assert [r["id"] for r in claimed] == [row["id"]]
+
+
+async def test_next_due_is_the_earliest_waiting_run_of_those_tasks(store: Store) -> None:
+    assert await store.next_due([TASK]) is None
+    later = datetime(2031, 1, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    await submit(store, eta=later + timedelta(hours=1))
+    await submit(store, eta=later)
+    await submit(store, task="other", eta=later - timedelta(hours=1))
+    assert await store.next_due([TASK]) == later
+    assert await store.next_due([TASK, "other"]) == later - timedelta(hours=1)
+    assert await store.next_due(["nobody"]) is None
 
 
 async def test_a_claim_takes_only_the_named_tasks(store: Store) -> None:
@@ -526,6 +568,17 @@ async def test_a_repeated_completed_report_with_another_result_is_stale(store: S
     await apply(store, report(delivery, "COMPLETED", result="first"))
     row = await fetch(store, delivery["id"])
     assert await apply(store, report(delivery, "COMPLETED", result="second")) == ["stale"]
+    assert await fetch(store, delivery["id"]) == row
+
+
+async def test_a_late_running_report_for_a_run_its_lease_finished_is_a_duplicate(
+    store: Store,
+) -> None:
+    await submit(store)
+    delivery = await claim_one(store)
+    await apply(store, report(delivery, "COMPLETED", result=1))
+    row = await fetch(store, delivery["id"])
+    assert await apply(store, report(delivery, "RUNNING")) == ["duplicate"]
     assert await fetch(store, delivery["id"]) == row
 
 
