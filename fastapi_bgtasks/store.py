@@ -651,6 +651,7 @@ class Store:
                         state=S.SCHEDULED.value,
                         attempt=runs.c.attempt - 1,
                         worker_id=None,
+                        lease_token=None,
                         lease_expires_at=None,
                         updated_at=self._now(),
                         reason="released_unsent",
@@ -832,8 +833,8 @@ class Store:
             .where(
                 runs.c.worker_id == worker_id,
                 _ACTIVE,
-                runs.c.id.in_(list(tokens)),
-                runs.c.lease_token.in_(sorted(set(tokens.values()))),
+                # (id, token) pairs: a stale token renews nothing.
+                sa.tuple_(runs.c.id, runs.c.lease_token).in_(list(tokens.items())),
             )
             .values(lease_expires_at=self._after(lease_seconds))
             .returning(runs.c.id, runs.c.lease_token, runs.c.cancel_requested)
@@ -879,6 +880,8 @@ class Store:
                 finished_at=sa.case((ends, now), else_=None),
                 scheduled_at=sa.case((ends, runs.c.scheduled_at), else_=now),
                 worker_id=sa.case((ends, runs.c.worker_id), else_=None),
+                # The lease is gone: any later report under it is stale.
+                lease_token=None,
                 lease_expires_at=None,
                 updated_at=now,
                 reason=sa.case((cancelled, "cancelled"), else_="worker_lost"),

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from fastapi_bgtasks import BgTasks
 from fastapi_bgtasks.errors import IdempotencyConflict, RunFinished, RunNotFound, SchemaError
-from fastapi_bgtasks.models import ErrorInfo, Report
+from fastapi_bgtasks.models import ErrorInfo, Report, RunState
 from fastapi_bgtasks.store import (
     SCHEMA_VERSION,
     Store,
@@ -773,10 +773,6 @@ async def test_a_heartbeat_renews_only_the_leases_the_worker_holds(store: Store)
     assert (await fetch(store, other_token["id"]))["lease_expires_at"] == other_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: heartbeat matches ids and tokens as two separate IN lists, not as pairs",
-)
 async def test_a_heartbeat_with_a_stale_token_does_not_renew_that_lease(store: Store) -> None:
     for _ in range(2):
         await submit(store)
@@ -1069,8 +1065,6 @@ async def test_list_runs_filters_by_state_and_task(store: Store) -> None:
         options: dict[str, Any] = {"state": None, "task": None, **filters}
         return {r["id"] for r in await store.list_runs(limit=100, cursor=None, **options)}
 
-    from fastapi_bgtasks.models import RunState
-
     assert await ids(task="a") == {a_waiting["id"], a_leased["id"]}
     assert await ids(state=RunState.SCHEDULED) == {b_waiting["id"]}
     assert await ids(state=RunState.PENDING, task="a") == {a_leased["id"]}
@@ -1138,10 +1132,6 @@ async def test_a_report_under_a_lost_lease_is_stale_and_the_successors_is_accept
     assert (done["attempt"], done["rescues"]) == (2, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a FAILED report under a lease the reaper took back is 'duplicate', not stale",
-)
 async def test_a_failure_reported_after_the_reaper_took_the_lease_back_is_stale(
     store: Store,
 ) -> None:

@@ -49,7 +49,9 @@ def bg(tmp_path: Path) -> BgTasks:
 @pytest.fixture
 def typed(bg: BgTasks) -> Task[Any, Any]:
     @bg.task
-    def typed_job(n: int, when: datetime, ident: uuid.UUID, point: Point, *, label: str = "") -> int:
+    def typed_job(
+        n: int, when: datetime, ident: uuid.UUID, point: Point, *, label: str = ""
+    ) -> int:
         return n
 
     return typed_job
@@ -400,7 +402,7 @@ def test_dump_result_raises_not_serializable_naming_the_type(bg: BgTasks) -> Non
         job.dump_result(job())
 
 
-# -- schedules, raised before the store is touched -------------------------------
+# -- schedules, raised before the store is touched -----------------------------
 
 
 @pytest.mark.anyio
@@ -475,7 +477,9 @@ def test_a_hub_reads_bgtasks_database_url(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_a_database_url_argument_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BGTASKS_DATABASE_URL", "postgresql+asyncpg://app@db/app")
-    assert BgTasks("sqlite+aiosqlite:///./other.db").database_url == "sqlite+aiosqlite:///./other.db"
+    assert (
+        BgTasks("sqlite+aiosqlite:///./other.db").database_url == "sqlite+aiosqlite:///./other.db"
+    )
 
 
 def test_a_non_positive_lease_raises_a_configuration_error() -> None:
