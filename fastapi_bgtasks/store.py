@@ -177,6 +177,17 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+_CAUGHT: tuple[type[BaseException], ...] = (*_UNAVAILABLE, sa.exc.DBAPIError)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """A lost, refused or hung database (a 503); any other database error is
+    a bug and propagates as it is."""
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
 def safe_url(url: str) -> str:
     """The URL without its password, for error messages and logs."""
     try:
@@ -279,6 +290,8 @@ class Store:
                 connect_args={
                     "server_settings": {"application_name": "fastapi_bgtasks"},
                     "timeout": 10,
+                    # A hung database answers 503 instead of holding requests forever.
+                    "command_timeout": 15,
                 },
             )
             self._writer = self._reader = engine
@@ -319,7 +332,9 @@ class Store:
         try:
             async with writer.begin() as conn:
                 yield conn
-        except _UNAVAILABLE as exc:
+        except _CAUGHT as exc:
+            if not _is_unavailable(exc):
+                raise
             raise StoreUnavailable(
                 f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
             ) from exc
@@ -336,7 +351,9 @@ class Store:
             else:
                 async with writer.begin() as conn:
                     yield conn
-        except _UNAVAILABLE as exc:
+        except _CAUGHT as exc:
+            if not _is_unavailable(exc):
+                raise
             raise StoreUnavailable(
                 f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
             ) from exc
@@ -347,7 +364,9 @@ class Store:
         try:
             async with reader.connect() as conn:
                 yield conn
-        except _UNAVAILABLE as exc:
+        except _CAUGHT as exc:
+            if not _is_unavailable(exc):
+                raise
             raise StoreUnavailable(
                 f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
             ) from exc
@@ -759,7 +778,9 @@ class Store:
             if current is None:
                 return await self._classify(conn, report, result), None
             failures = current.attempt - current.rescues
-            if failures < current.max_attempts and not current.cancel_requested:
+            # A worker that does not know the task cannot do better next time.
+            retryable = not (error and error.get("type") == "UnknownTask")
+            if retryable and failures < current.max_attempts and not current.cancel_requested:
                 delays = current.retry_delays or [0.0]
                 delay = float(delays[min(failures - 1, len(delays) - 1)])
                 values = {
