@@ -17,6 +17,7 @@ default message and `status_code` / `code` say how the mounted API answers it::
     ├── RunNotFound           404 no run has that id (or the caller may not see it)
     ├── RunFinished           409 the run already reached a terminal state
     ├── AccessDenied          401 a missing or wrong credential
+    ├── RateLimited           429 too many failures, streams or feeds
     ├── TaskRunFailed             a run ended FAILED, CRASHED or CANCELLED
     └── RemoteError               the mounted API answered with an error body
 
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidSchedule",
     "NotSerializable",
     "PayloadTooLarge",
+    "RateLimited",
     "RemoteError",
     "RunFinished",
     "RunNotFound",
@@ -166,6 +168,13 @@ class RemoteError(BgTasksError):
             f"{url} answered {status_code} {self.remote_code}: {body.get('message', '')}".strip(),
             detail=body.get("detail"),
         )
+
+
+class RateLimited(BgTasksError):
+    """Too many requests of this kind; wait and try again."""
+
+    status_code = 429
+    code = "too_many_requests"
 
 
 class TaskRunFailed(BgTasksError):

@@ -21,7 +21,7 @@ from anyio.abc import TaskStatus
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from .errors import BgTasksError, StoreUnavailable
+from .errors import BgTasksError, RateLimited, StoreUnavailable
 from .models import Delivery, Hello
 
 if TYPE_CHECKING:
@@ -233,12 +233,6 @@ def feed_router(hub: BgTasks) -> Any:
 
     router = APIRouter()
 
-    class TooManyFeeds(BgTasksError):
-        """Too many feeds are open; try again shortly."""
-
-        status_code = 429
-        code = "too_many_feeds"
-
     @router.get(
         "/feed",
         summary="The run feed for one worker (SSE)",
@@ -268,7 +262,9 @@ def feed_router(hub: BgTasks) -> Any:
                 raise TaskNameInvalid(f"Invalid task name {name[:50]!r}")
         total = sum(running.open_feeds.values())
         if total >= hub.max_feeds or running.open_feeds.get(worker_id, 0) >= 2:
-            raise TooManyFeeds()
+            raise RateLimited(
+                "Too many feeds are open (max_feeds, or 2 per worker id); try again shortly."
+            )
         shutdown = anyio.Event()
         running.open_feeds[worker_id] = running.open_feeds.get(worker_id, 0) + 1
 

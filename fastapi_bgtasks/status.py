@@ -15,7 +15,7 @@ import anyio
 from fastapi import APIRouter, Depends, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from .errors import BgTasksError, RunNotFound, StoreUnavailable
+from .errors import BgTasksError, RateLimited, RunNotFound, StoreUnavailable
 from .models import (
     ErrorBody,
     RunDocument,
@@ -37,13 +37,6 @@ class InvalidCursor(BgTasksError):
 
     status_code = 422
     code = "invalid_cursor"
-
-
-class TooManyStreams(BgTasksError):
-    """Too many event streams are open; poll GET /runs/{id} instead."""
-
-    status_code = 429
-    code = "too_many_streams"
 
 
 def _running(hub: BgTasks) -> Running:
@@ -179,7 +172,7 @@ def status_router(hub: BgTasks) -> Any:
         full = denied is None
         first = await load(run_id, full)
         if running.open_streams >= hub.max_streams:
-            raise TooManyStreams()
+            raise RateLimited("Too many event streams are open; poll GET /runs/{id} instead.")
         running.open_streams += 1
         shutdown = anyio.Event()
 
