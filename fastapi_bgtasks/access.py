@@ -87,7 +87,7 @@ def _client(request: Request) -> str:
 
 def worker_access(hub: BgTasks) -> Callable[[Request], Awaitable[None]]:
     """The check on /feed and /worker/*: runs before any response starts."""
-    throttle = FailureThrottle()
+    throttle = hub.auth_throttle
 
     async def check_worker(request: Request) -> None:
         client = _client(request)

@@ -45,22 +45,28 @@ class BodyLimit:
     """Refuse bodies over `limit` bytes with 413, without reading past it:
     by Content-Length when given, by counting when streamed."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, worker_limit: int) -> None:
         self.app = app
         self.limit = limit
+        self.worker_limit = worker_limit
+
+    def _limit(self, scope: Scope) -> int:
+        path = str(scope.get("path", ""))
+        return self.worker_limit if "/worker/" in path else self.limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._refuse(scope, receive, send)
+                    await self._refuse(scope, receive, send, limit)
                     return
         seen = 0
         started = False
@@ -70,9 +76,9 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise PayloadTooLarge(
-                        f"The request body is over {self.limit} bytes (max_body_bytes)."
+                        f"The request body is over {limit} bytes (max_body_bytes)."
                     )
             return message
 
@@ -86,10 +92,10 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except PayloadTooLarge:
             if not started:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = PayloadTooLarge(f"The request body is over {self.limit} bytes (max_body_bytes).")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = PayloadTooLarge(f"The request body is over {limit} bytes (max_body_bytes).")
         response = JSONResponse(error.to_body(), status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
 
@@ -164,4 +170,4 @@ def build_app(hub: BgTasks) -> ASGIApp:
             raise StoreUnavailable("The task store did not answer within 2 s.") from None
         return {"status": "ok", "database": running.store.dialect}
 
-    return BodyLimit(api, hub.max_body_bytes)
+    return BodyLimit(api, hub.max_body_bytes, hub.worker_body_bytes)

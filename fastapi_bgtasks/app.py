@@ -113,6 +113,9 @@ class BgTasks:
         self.max_body_bytes = int(max_body_bytes)
         self.max_args_bytes = int(max_args_bytes)
         self.max_result_bytes = int(max_result_bytes)
+        # Worker reports carry results: their body limit leaves room for one
+        # result of max_result_bytes plus its envelope and traceback.
+        self.worker_body_bytes = max(self.max_body_bytes, self.max_result_bytes + 256 * 1024)
         self.poll_seconds = float(poll_seconds)
         self.reaper_seconds = float(reaper_seconds or min(self.lease_seconds / 4, 5.0))
         self.feed_max_seconds = float(feed_max_seconds)
@@ -135,6 +138,10 @@ class BgTasks:
         self._private_loop: asyncio.AbstractEventLoop | None = None
         self._private_lock = threading.Lock()
         self._app: Any = None
+        from .access import FailureThrottle
+
+        # One count of refused credentials for every worker route of this hub.
+        self.auth_throttle = FailureThrottle()
 
     def __repr__(self) -> str:
         from .store import safe_url

@@ -32,6 +32,10 @@ __all__ = ["Wakeups", "feed_router", "run_services", "wait_any"]
 log = logging.getLogger("fastapi_bgtasks.feed")
 
 
+# The NOTIFY payload for "some task": feeds in other processes re-claim for all.
+ANY_TASK = "*"
+
+
 class Wakeups:
     """In-process signals: runs were added, a worker's credit freed, a run
     changed. Each is an event replaced when fired, so a waiter takes the
@@ -120,7 +124,7 @@ async def _reaper(hub: BgTasks, running: Running) -> None:
         if reaped:
             for run_id, state in reaped:
                 log.warning("Run %s lost its worker (lease expired): now %s", run_id, state)
-            running.wakeups.runs_added(None)
+            running.wakeups.runs_added(ANY_TASK)
             running.wakeups.run_changed()
         await anyio.sleep(hub.reaper_seconds)
 
@@ -176,6 +180,8 @@ async def _deliveries(
         lease_seconds=hub.lease_seconds,
         heartbeat_seconds=hub.heartbeat_seconds,
         report_interval=hub.report_interval,
+        max_body_bytes=hub.worker_body_bytes,
+        max_result_bytes=hub.max_result_bytes,
     )
     yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
     deadline = time.monotonic() + hub.feed_max_seconds
@@ -228,7 +234,6 @@ async def _deliveries(
 
 def feed_router(hub: BgTasks) -> Any:
     from .access import worker_access
-    from .errors import AccessDenied
     from .models import ErrorBody
 
     router = APIRouter()
@@ -256,7 +261,7 @@ def feed_router(hub: BgTasks) -> Any:
         if running is None:
             raise StoreUnavailable("The app's lifespan is not running.")
         if not worker_id.isprintable():
-            raise AccessDenied("X-Worker-Id must be printable text.")
+            raise TaskNameInvalid("X-Worker-Id must be printable text.")
         for name in task:
             if len(name) > 200 or not name.isprintable():
                 raise TaskNameInvalid(f"Invalid task name {name[:50]!r}")
@@ -294,7 +299,7 @@ def feed_router(hub: BgTasks) -> Any:
 
 
 class TaskNameInvalid(BgTasksError):
-    """A task name must be printable text of at most 200 characters."""
+    """Task names and worker ids must be printable text of at most 200 characters."""
 
     status_code = 422
     code = "invalid_task_name"

@@ -187,6 +187,8 @@ class Hello(BaseModel):
     lease_seconds: float
     heartbeat_seconds: float
     report_interval: float
+    max_body_bytes: int = 1024 * 1024
+    max_result_bytes: int = 1024 * 1024
 
 
 class Delivery(BaseModel):

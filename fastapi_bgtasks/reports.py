@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends
 
 from .errors import StoreUnavailable
+from .feed import ANY_TASK
 from .models import ErrorBody, HeartbeatRequest, HeartbeatResponse, ReportBatch, ReportOutcomes
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def reports_router(hub: BgTasks) -> Any:
             if any(
                 changed is not None and changed["state"] == "SCHEDULED" for _, changed in applied
             ):
-                running.wakeups.runs_added(None)
+                running.wakeups.runs_added(ANY_TASK)
         return ReportOutcomes(outcomes=outcomes)
 
     @router.post(

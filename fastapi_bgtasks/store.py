@@ -398,6 +398,13 @@ class Store:
 
     async def check_schema(self) -> None:
         """For processes that must not create it: fail clearly when it is missing."""
+        if not self.is_pg and not await anyio.Path(self.url.database or "").exists():
+            # Connecting would create an empty file; say what is missing instead.
+            raise SchemaError(
+                f"No fastapi_bgtasks schema in {self.display_url} (no such file). Start the "
+                "app once (its lifespan creates it: FastAPI(lifespan=bg.lifespan)), or check "
+                "the URL."
+            )
         async with self._read() as conn:
             current = await self._schema_version(conn)
         if current is None or current == 0:
@@ -754,7 +761,11 @@ class Store:
             where = [mine, _ACTIVE]
             never_started = runs.c.state == S.PENDING.value
             values = {
-                "state": S.SCHEDULED.value,
+                # A handed-back run that someone asked to cancel stays cancelled.
+                "state": sa.case(
+                    (runs.c.cancel_requested, S.CANCELLED.value), else_=S.SCHEDULED.value
+                ),
+                "finished_at": sa.case((runs.c.cancel_requested, now), else_=None),
                 "attempt": sa.case((never_started, runs.c.attempt - 1), else_=runs.c.attempt),
                 "rescues": sa.case((never_started, runs.c.rescues), else_=runs.c.rescues + 1),
                 "scheduled_at": now,
@@ -976,20 +987,29 @@ class Store:
 
         path = self.url.database or ""
         while True:
+            db = None
             try:
-                async with aiosqlite.connect(path, timeout=30) as db:
-                    last = None
-                    while True:
-                        async with db.execute("PRAGMA data_version") as cursor:
-                            row = await cursor.fetchone()
-                        version = row[0] if row else None
-                        if last is not None and version != last:
-                            on_change(None)
-                        last = version
-                        await anyio.sleep(0.02)
+                # aiosqlite starts a thread per connection: opening and closing
+                # are shielded so a cancel mid-way cannot strand that thread.
+                with anyio.CancelScope(shield=True):
+                    db = await aiosqlite.connect(path, timeout=30)
+                assert db is not None
+                last = None
+                while True:
+                    async with db.execute("PRAGMA data_version") as cursor:
+                        row = await cursor.fetchone()
+                    version = row[0] if row else None
+                    if last is not None and version != last:
+                        on_change(None)
+                    last = version
+                    await anyio.sleep(0.02)
             except (OSError, aiosqlite.Error) as exc:
                 log.warning("Wake-up watcher lost the SQLite file (%s); retrying", exc)
-                await anyio.sleep(1.0)
+            finally:
+                if db is not None:
+                    with anyio.CancelScope(shield=True):
+                        await db.close()
+            await anyio.sleep(1.0)
 
 
 def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:

@@ -202,7 +202,7 @@ class Task(Generic[P, R]):
 
     def _split(self, data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         # Only the arguments the caller passed are stored (defaults apply in
-        # the worker), so the stored call reads like the call that was made.
+        # the worker), normalised: whatever can be passed by position is.
         bound = inspect.BoundArguments(self._signature, data)
         return list(bound.args), dict(bound.kwargs)
 

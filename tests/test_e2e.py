@@ -397,3 +397,34 @@ def test_bg_serve_runs_the_same_worker_in_process(
         assert doc["result"] == "Hello, served!"
     finally:
         assert proc.stop() == 0
+
+
+def test_a_result_just_under_the_limit_is_stored(served: str) -> None:
+    doc = wait_terminal(served, submit(served, "big", 1024 * 1024 - 100))
+    assert doc["state"] == "COMPLETED"
+    assert len(doc["result"]) == 1024 * 1024 - 100
+
+
+def test_a_result_over_the_limit_fails_as_result_too_large(served: str) -> None:
+    doc = wait_terminal(served, submit(served, "big", 1024 * 1024 + 100))
+    assert doc["state"] == "FAILED"
+    assert doc["error"]["type"] == "ResultTooLarge"
+
+
+@pytest.mark.slow
+def test_a_sync_task_past_the_grace_period_does_not_hold_the_worker(
+    app_server: tuple[Proc, str], workers: list[Proc], db_url: str, tmp_path: Path
+) -> None:
+    _, base = app_server
+    worker = start_worker(
+        f"{base}/tasks", db_url, tmp_path, "--grace-seconds", "0.5", "--prefetch", "0"
+    )
+    run_id = submit(base, "sleep_sync", 30)
+    wait_state(base, run_id, "RUNNING")
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(20) == 0
+    assert time.monotonic() - started < 10
+    # Its lease runs out and the run goes to the next worker, not lost.
+    doc = httpx.get(f"{base}/tasks/runs/{run_id}").json()
+    assert doc["state"] in ("RUNNING", "SCHEDULED", "PENDING")

@@ -9,12 +9,14 @@ within the grace period (still heartbeating), then hand back the rest.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import random
 import secrets
 import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -27,7 +29,13 @@ import httpx
 from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
-from ..errors import AccessDenied, BgTasksError, ConfigurationError, NotSerializable
+from ..errors import (
+    AccessDenied,
+    BgTasksError,
+    ConfigurationError,
+    NotSerializable,
+    RemoteError,
+)
 from ..models import Delivery, ErrorInfo, Report, ReportState
 from ..submitter import HttpRoute
 from .client import WorkerClient
@@ -99,6 +107,9 @@ class Held:
         return self.delivery.id, self.delivery.lease_token
 
     def stop(self, reason: str) -> None:
+        """Ask the run to stop. An async task is cancelled; a sync task's
+        thread cannot be, so it only sees `cancelled()` turn true and keeps
+        its slot and lease until it returns."""
         if self.stop_reason is None:
             self.stop_reason = reason
         self.context.stop.set()
@@ -132,13 +143,15 @@ class Worker:
         self.heartbeat_seconds = 7.5
         self.report_interval = 0.02
         self._limiter = anyio.CapacityLimiter(config.concurrency)
-        self._threads = anyio.CapacityLimiter(config.concurrency)
         self._pending: list[_Pending] = []
         self._pending_event = anyio.Event()
         self._draining = anyio.Event()
         self._feed_scope = anyio.CancelScope()
         self._connected_once = False
         self._finished = anyio.Event()  # replaced each time a run finishes
+        self._hello_received = anyio.Event()
+        self.max_body_bytes = 1024 * 1024
+        self.max_result_bytes = config.max_result_bytes
         self.client: WorkerClient | None = None
         self._runs: TaskGroup
         self.fatal: BaseException | None = None
@@ -266,6 +279,9 @@ class Worker:
         self.lease_seconds = hello.lease_seconds
         self.heartbeat_seconds = hello.heartbeat_seconds
         self.report_interval = hello.report_interval
+        self.max_body_bytes = hello.max_body_bytes
+        self.max_result_bytes = min(self.config.max_result_bytes, hello.max_result_bytes)
+        self._hello_received.set()
         if not self._connected_once:
             self._connected_once = True
             log.info(
@@ -278,8 +294,17 @@ class Worker:
             log.info("Worker %s reconnected to %s", self.worker_id, self.config.url)
 
     def _receive(self, delivery: Delivery, runs: TaskGroup) -> None:
-        if delivery.id in self.held:
-            return  # re-sent after a reconnect: already ours
+        held = self.held.get(delivery.id)
+        if held is not None:
+            if held.delivery.lease_token != delivery.lease_token and not held.finished:
+                # Our lease lapsed and the run came back to us: carry on under
+                # the new lease (one execution, so no overlap) and say so.
+                log.warning("Run %s: continuing under a new lease", delivery.id)
+                held.delivery = delivery
+                held.last_renewed = time.monotonic()
+                if held.started:
+                    self._enqueue(_report(delivery, "RUNNING"), self._on_running_outcome(held))
+            return  # otherwise: re-sent after a reconnect, already ours
         held = Held(
             delivery=delivery,
             context=RunContext(str(delivery.id), delivery.task, delivery.attempt),
@@ -344,7 +369,7 @@ class Worker:
         value: Any = None
         try:
             with anyio.CancelScope() as scope:
-                held.scope = scope
+                held.scope = scope if task.is_async else None
                 if held.stop_reason is not None:
                     scope.cancel()
                 if task.is_async:
@@ -352,11 +377,7 @@ class Worker:
                 else:
                     # A thread cannot be interrupted: it keeps its slot and
                     # lease until it returns (DESIGN §4, sync tasks).
-                    value = await anyio.to_thread.run_sync(
-                        lambda: task.fn(*args, **kwargs),
-                        abandon_on_cancel=False,
-                        limiter=self._threads,
-                    )
+                    value = await _in_daemon_thread(lambda: task.fn(*args, **kwargs), d)
         except Exception as exc:
             if held.stop_reason is None:
                 return _report(d, "FAILED", error=_error_info(exc))
@@ -385,14 +406,14 @@ class Worker:
         except NotSerializable as exc:
             return _report(d, "FAILED", error=ErrorInfo(type="NotSerializable", message=str(exc)))
         size = _json_size(result)
-        if size > self.config.max_result_bytes:
+        if size > self.max_result_bytes:
             return _report(
                 d,
                 "FAILED",
                 error=ErrorInfo(
                     type="ResultTooLarge",
                     message=f"The result is {size} bytes as JSON; the limit is "
-                    f"{self.config.max_result_bytes}.",
+                    f"{self.max_result_bytes}.",
                 ),
             )
         return _report(d, "COMPLETED", result=result)
@@ -447,12 +468,21 @@ class Worker:
         assert self.client is not None
         delay = 0.1
         while self._pending:
-            batch = self._pending[:MAX_BATCH]
+            batch = self._next_batch()
             try:
                 outcomes = await self.client.post_reports([p.report for p in batch])
             except AccessDenied as exc:
                 log.error("Reports refused: %s", exc)
                 return False
+            except RemoteError as exc:
+                if exc.remote_status in (413, 422) and len(batch) == 1:
+                    # This one report can never be accepted: say why instead.
+                    self._pending[0] = _Pending(_refused(batch[0].report, exc), batch[0].on_outcome)
+                    continue
+                log.warning("Reports not delivered (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+                continue
             except (httpx.HTTPError, BgTasksError) as exc:
                 log.warning("Reports not delivered (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay * (0.5 + random.random()))
@@ -470,14 +500,28 @@ class Worker:
         self._pending_event = anyio.Event()
         return True
 
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest reports that fit in one request body."""
+        budget = int(self.max_body_bytes * 0.9) - 200
+        batch: list[_Pending] = []
+        used = 0
+        for pending in self._pending[:MAX_BATCH]:
+            size = len(pending.report.model_dump_json()) + 1
+            if batch and used + size > budget:
+                break
+            batch.append(pending)
+            used += size
+        return batch
+
     # -- heartbeats ------------------------------------------------------
 
     async def _heartbeats(self, scope: anyio.CancelScope) -> None:
         assert self.client is not None
         with scope:
+            await self._hello_received.wait()  # the feed's timing, not ours
             while True:
                 await anyio.sleep(self.heartbeat_seconds)
-                held = [h for h in self.held.values()]
+                held = list(self.held.values())
                 if held:
                     await self._beat(held)
                 self._fence()
@@ -529,6 +573,46 @@ def _report(
     d: Delivery, state: ReportState, *, result: Any = None, error: ErrorInfo | None = None
 ) -> Report:
     return Report(run_id=d.id, lease_token=d.lease_token, state=state, result=result, error=error)
+
+
+def _refused(report: Report, exc: RemoteError) -> Report:
+    """What to report instead of a report the app refused as too large or invalid."""
+    error = ErrorInfo(
+        type="ResultTooLarge" if exc.remote_status == 413 else "ReportRefused",
+        message=f"The app refused this run's report ({exc.remote_status}): {exc.message}"[:2000],
+    )
+    state: ReportState = "FAILED" if report.state in ("COMPLETED", "FAILED") else report.state
+    return Report(run_id=report.run_id, lease_token=report.lease_token, state=state, error=error)
+
+
+async def _in_daemon_thread(call: Callable[[], Any], d: Delivery) -> Any:
+    """Run a sync task in a daemon thread of its own.
+
+    Waiting can be abandoned (shutdown past the grace period) without
+    holding the process: the thread is a daemon. Context variables
+    (`current_run()`) follow the call into the thread.
+    """
+    done = anyio.Event()
+    box: dict[str, Any] = {}
+    token = anyio.lowlevel.current_token()
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            box["value"] = context.run(call)
+        except BaseException as exc:  # handed to the awaiting task, not swallowed
+            box["error"] = exc
+        finally:
+            try:
+                anyio.from_thread.run_sync(done.set, token=token)
+            except RuntimeError:
+                pass  # the loop is gone: nobody waits any more
+
+    threading.Thread(target=target, name=f"run {d.id}", daemon=True).start()
+    await done.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _json_size(value: Any) -> int:

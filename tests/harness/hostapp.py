@@ -133,6 +133,11 @@ async def wait_for_file(path: str) -> str:
 
 
 @bg.task
+def big(size: int) -> str:
+    return "x" * size
+
+
+@bg.task
 def unserializable() -> object:
     return object()
 
