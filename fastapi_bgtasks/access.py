@@ -105,66 +105,64 @@ def worker_access(hub: BgTasks) -> Callable[[Request], Awaitable[None]]:
     return check_worker
 
 
-def _capture(dependency: Any) -> Callable[..., Awaitable[BaseException | None]]:
-    """Wrap the host's auth dependency so it reports instead of raising.
+def _host_check(dependency: Any) -> Callable[[Request], Awaitable[BaseException | None]]:
+    """Run the host's auth dependency for a request and report its verdict.
 
-    The wrapper keeps the dependency's signature, so FastAPI still resolves
-    its own parameters (headers, security schemes, sub-dependencies).
+    FastAPI resolves the dependency's own parameters (headers, security
+    schemes, sub-dependencies) here rather than in the route, so a missing
+    credential means "not an operator" instead of a 422: capability routes
+    must still answer a caller that holds only the run id.
     """
+    from contextlib import AsyncExitStack
+
+    from fastapi.dependencies.utils import get_dependant, solve_dependencies
+
     func = getattr(dependency, "dependency", dependency)
     if func is None or not callable(func):
         raise TypeError("auth= must be Depends(callable) or a callable")
+    dependant = get_dependant(path="", call=func)
 
-    async def captured(**kwargs: Any) -> BaseException | None:
+    async def check(request: Request) -> BaseException | None:
         try:
-            outcome = func(**kwargs)
-            if inspect.isawaitable(outcome):
-                await outcome
+            async with AsyncExitStack() as stack:
+                solved = await solve_dependencies(
+                    request=request,
+                    dependant=dependant,
+                    async_exit_stack=stack,
+                    embed_body_fields=False,
+                )
+                if solved.errors:
+                    return AccessDenied("The operator credential is missing or malformed.")
+                outcome = func(**solved.values)
+                if inspect.isawaitable(outcome):
+                    await outcome
         except (HTTPException, BgTasksError) as exc:
             return exc
         return None
 
-    captured.__signature__ = inspect.signature(func).replace(  # type: ignore[attr-defined]
-        return_annotation=Any
-    )
-    return captured
+    return check
 
 
-def operator_check(hub: BgTasks) -> Callable[..., Awaitable[BaseException | None]]:
+def operator_check(hub: BgTasks) -> Callable[[Request], Awaitable[BaseException | None]]:
     """A dependency answering None when the caller passes the operator check,
-    else the exception that says why not (raised by `operator_access`)."""
-    if hub.auth is None:
+    else the exception that says why not (raised by `operator_access`).
 
-        async def loopback_only(request: Request) -> BaseException | None:
-            if _bearer_ok(request, hub.token) or is_loopback(request):
-                return None
-            return AccessDenied(
-                "No auth= dependency is configured, so operator routes serve loopback clients only."
-            )
+    The worker's token is also an operator credential: tasks submit runs.
+    """
+    host = _host_check(hub.auth) if hub.auth is not None else None
 
-        return loopback_only
-
-    captured = _capture(hub.auth)
-
-    params = [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)]
-    params += [
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for p in inspect.signature(captured).parameters.values()
-        if p.name != "request"
-    ]
-    inner_names = set(inspect.signature(captured).parameters)
-
-    async def host_auth_call(**kwargs: Any) -> BaseException | None:
-        # A worker's token is also an operator credential: tasks submit runs.
-        request = kwargs["request"]
+    async def check_operator(request: Request) -> BaseException | None:
         if _bearer_ok(request, hub.token):
             return None
-        return await captured(**{k: v for k, v in kwargs.items() if k in inner_names})
+        if host is not None:
+            return await host(request)
+        if is_loopback(request):
+            return None
+        return AccessDenied(
+            "No auth= dependency is configured, so operator routes serve loopback clients only."
+        )
 
-    host_auth_call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        params, return_annotation=Any
-    )
-    return host_auth_call
+    return check_operator
 
 
 def operator_access(hub: BgTasks) -> Callable[..., Awaitable[None]]:

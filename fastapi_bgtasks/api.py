@@ -69,29 +69,36 @@ class BodyLimit:
                     await self._refuse(scope, receive, send, limit)
                     return
         seen = 0
-        started = False
+        exceeded = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    # Stop reading here. The app fails to parse the body and
+                    # answers some 4xx, which tracking_send replaces with a 413.
+                    exceeded = True
                     raise PayloadTooLarge(
                         f"The request body is over {limit} bytes (max_body_bytes)."
                     )
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+            nonlocal refused
+            if exceeded:
+                if message["type"] == "http.response.start" and not refused:
+                    refused = True
+                    await self._refuse(scope, receive, send, limit)
+                return
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except PayloadTooLarge:
-            if not started:
+            if not refused:
                 await self._refuse(scope, receive, send, limit)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:

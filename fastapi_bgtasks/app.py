@@ -1,8 +1,8 @@
 """`BgTasks`, the hub: the task registry, where submissions go, the mounted
 API and the lifespan that runs the app-side services.
 
-Importing this module imports neither SQLAlchemy nor FastAPI: a worker
-process imports the user's tasks module (and so this one) and needs neither.
+Importing this module does not import SQLAlchemy: a worker process imports
+the user's tasks module (and so this one) and never touches the database.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ default message and `status_code` / `code` say how the mounted API answers it::
     │   ├── NotSerializable   422 arguments or a result JSON cannot carry
     │   ├── PayloadTooLarge   413 a body, argument set or result over its limit
     │   └── IdempotencyConflict 409 an idempotency key reused with other arguments
+    ├── InvalidValue          422 a value the database refuses (a NUL character, ...)
     ├── RunNotFound           404 no run has that id (or the caller may not see it)
     ├── RunFinished           409 the run already reached a terminal state
     ├── AccessDenied          401 a missing or wrong credential
@@ -36,6 +37,7 @@ __all__ = [
     "DuplicateTaskName",
     "IdempotencyConflict",
     "InvalidSchedule",
+    "InvalidValue",
     "NotSerializable",
     "PayloadTooLarge",
     "RateLimited",
@@ -132,6 +134,13 @@ class IdempotencyConflict(SubmitError):
 
     status_code = 409
     code = "idempotency_conflict"
+
+
+class InvalidValue(BgTasksError):
+    """A value in the request cannot be stored (for example a NUL character)."""
+
+    status_code = 422
+    code = "invalid_value"
 
 
 class RunNotFound(BgTasksError):

@@ -116,11 +116,14 @@ async def run_services(
 
 async def _reaper(hub: BgTasks, running: Running) -> None:
     while True:
+        reaped: list[tuple[Any, str]] = []
         try:
-            reaped = await running.store.reap_expired()
+            # Shielded (and bounded): a statement cancelled mid-way by the
+            # lifespan's exit strands aiosqlite's connection thread.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                reaped = await running.store.reap_expired()
         except StoreUnavailable as exc:
             log.warning("Reaper: %s", exc)
-            reaped = []
         if reaped:
             for run_id, state in reaped:
                 log.warning("Run %s lost its worker (lease expired): now %s", run_id, state)
@@ -143,7 +146,8 @@ async def _notifier(running: Running) -> None:
     while True:
         tasks = await running.wakeups.next_notification()
         try:
-            await running.store.notify(tasks)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await running.store.notify(tasks)
         except StoreUnavailable as exc:
             log.warning("NOTIFY failed (%s); other app processes will poll", exc)
             await anyio.sleep(0.5)

@@ -24,7 +24,14 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .errors import ConfigurationError, RunFinished, RunNotFound, SchemaError, StoreUnavailable
+from .errors import (
+    ConfigurationError,
+    InvalidValue,
+    RunFinished,
+    RunNotFound,
+    SchemaError,
+    StoreUnavailable,
+)
 from .models import ACTIVE_STATES, Report, RunState
 
 __all__ = ["SCHEMA_VERSION", "Store", "safe_url"]
@@ -188,6 +195,13 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
+def _is_bad_value(exc: BaseException) -> bool:
+    """SQLSTATE class 22, "data exception": the request's fault, a 422."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return isinstance(state, str) and state.startswith("22")
+
+
 def safe_url(url: str) -> str:
     """The URL without its password, for error messages and logs."""
     try:
@@ -333,6 +347,11 @@ class Store:
             async with writer.begin() as conn:
                 yield conn
         except _CAUGHT as exc:
+            if _is_bad_value(exc):
+                raise InvalidValue(
+                    "A value in this request cannot be stored (a NUL character or a value "
+                    "out of range)."
+                ) from exc
             if not _is_unavailable(exc):
                 raise
             raise StoreUnavailable(
@@ -352,6 +371,11 @@ class Store:
                 async with writer.begin() as conn:
                     yield conn
         except _CAUGHT as exc:
+            if _is_bad_value(exc):
+                raise InvalidValue(
+                    "A value in this request cannot be stored (a NUL character or a value "
+                    "out of range)."
+                ) from exc
             if not _is_unavailable(exc):
                 raise
             raise StoreUnavailable(
@@ -365,6 +389,11 @@ class Store:
             async with reader.connect() as conn:
                 yield conn
         except _CAUGHT as exc:
+            if _is_bad_value(exc):
+                raise InvalidValue(
+                    "A value in this request cannot be stored (a NUL character or a value "
+                    "out of range)."
+                ) from exc
             if not _is_unavailable(exc):
                 raise
             raise StoreUnavailable(

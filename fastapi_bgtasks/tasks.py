@@ -62,7 +62,11 @@ class TaskOptions(BaseModel):
         return [float(d) for d in values]
 
 
-_ARG_CONFIG = ConfigDict(allow_inf_nan=False, populate_by_name=False, extra="forbid")
+# NaN and infinities are not JSON: refused when typed as floats, and kept as
+# constants (then refused as NotSerializable) when they hide under `Any`.
+_ARG_CONFIG = ConfigDict(
+    allow_inf_nan=False, populate_by_name=False, extra="forbid", ser_json_inf_nan="constants"
+)
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -175,7 +179,12 @@ class Task(Generic[P, R]):
                 f"Arguments of task {self.name!r} cannot be carried as JSON: {exc}"
             ) from exc
         json_args, json_kwargs = self._split(data)
-        size = len(json.dumps([json_args, json_kwargs], separators=(",", ":")))
+        try:
+            size = len(json.dumps([json_args, json_kwargs], separators=(",", ":"), allow_nan=False))
+        except ValueError as exc:
+            raise NotSerializable(
+                f"Arguments of task {self.name!r} hold NaN or an infinity, which JSON cannot carry."
+            ) from exc
         if size > self.hub.max_args_bytes:
             raise PayloadTooLarge(
                 f"Arguments of task {self.name!r} are {size} bytes as JSON; "

@@ -327,10 +327,6 @@ def test_dump_arguments_rejects_nan_inside_a_list_of_floats(bg: BgTasks) -> None
         job.dump_arguments([[1.0, math.nan]], {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tasks.Task.dump_arguments turns NaN under an Any annotation into null",
-)
 def test_dump_arguments_refuses_nan_under_an_any_annotation(bg: BgTasks) -> None:
     @bg.task
     def job(value: Any) -> None:
