@@ -164,3 +164,51 @@ def greet_sync_route(name: str) -> dict[str, str]:
     """A sync route: delay_sync submits on the lifespan's loop."""
     run = greet.delay_sync(name)
     return {"task_run_id": str(run.id)}
+
+
+# -- poison tasks: each kills the worker process that runs it -------------
+
+
+@bg.task(max_rescues=2)
+def exit_hard() -> None:
+    _ledger("start")
+    os._exit(137)
+
+
+@bg.task(max_rescues=2)
+def segv() -> None:
+    import ctypes
+
+    _ledger("start")
+    ctypes.string_at(0)
+
+
+@bg.task(max_rescues=2)
+def oom() -> None:
+    """Allocates until the worker dies (run the worker under RLIMIT_AS)."""
+    _ledger("start")
+    hog = []
+    while True:
+        hog.append(bytearray(64 * 1024 * 1024))
+
+
+@bg.task(on_worker_lost="fail")
+async def sleep_async_fail_on_loss(seconds: float) -> float:
+    _ledger("start")
+    await anyio.sleep(seconds)
+    _ledger("end")
+    return seconds
+
+
+@bg.task
+async def gated(path: str) -> str:
+    """Starts, then waits for `path`; records `cancelled` if stopped first."""
+    _ledger("start")
+    try:
+        while not os.path.exists(path):
+            await anyio.sleep(0.02)
+    except BaseException:
+        _ledger("cancelled")
+        raise
+    _ledger("end")
+    return "released"
