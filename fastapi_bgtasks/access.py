@@ -150,10 +150,20 @@ def operator_check(hub: BgTasks) -> Callable[[Request], Awaitable[BaseException 
     The worker's token is also an operator credential: tasks submit runs.
     """
     host = _host_check(hub.auth) if hub.auth is not None else None
+    throttle = hub.auth_throttle
 
     async def check_operator(request: Request) -> BaseException | None:
         if _bearer_ok(request, hub.token):
             return None
+        if hub.token and request.headers.get("authorization", "").lower().startswith("bearer "):
+            # A wrong worker token counts here as on worker routes, so this
+            # route is no way around the limit on guesses.
+            client = _client(request)
+            throttle.failed(client)
+            try:
+                throttle.check(client)
+            except RateLimited as exc:
+                return exc
         if host is not None:
             return await host(request)
         if is_loopback(request):

@@ -52,7 +52,10 @@ class BodyLimit:
 
     def _limit(self, scope: Scope) -> int:
         path = str(scope.get("path", ""))
-        return self.worker_limit if "/worker/" in path else self.limit
+        root = str(scope.get("root_path", ""))
+        if root and path.startswith(root):
+            path = path[len(root) :]  # relative to the mount point
+        return self.worker_limit if path.startswith("/worker/") else self.limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

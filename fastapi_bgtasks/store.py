@@ -408,7 +408,7 @@ class Store:
         """
         async with self._write() as conn:
             if self.is_pg:
-                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(LOCK_KEY)))
+                await self._migration_lock(conn)
             current = await self._schema_version(conn)
             if current is None:
                 await conn.run_sync(lambda c: schema_table.create(c, checkfirst=True))
@@ -424,6 +424,15 @@ class Store:
                 await MIGRATIONS[number - 1](conn, self.dialect)
                 await conn.execute(schema_table.update().values(version=number))
             return SCHEMA_VERSION
+
+    async def _migration_lock(self, conn: AsyncConnection) -> None:
+        """Wait (up to 5 minutes) for another process's migration: polled with
+        try-lock, so no single statement outlives the command timeout."""
+        with anyio.fail_after(300):
+            while True:
+                if await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(LOCK_KEY))):
+                    return
+                await anyio.sleep(0.1)
 
     async def check_schema(self) -> None:
         """For processes that must not create it: fail clearly when it is missing."""
@@ -1001,7 +1010,7 @@ class Store:
                     with anyio.move_on_after(5):
                         await lost.wait()
                     if not lost.is_set():
-                        await conn.execute("SELECT 1")  # notice a half-open socket
+                        await conn.execute("SELECT 1", timeout=5)  # notice a half-open link
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("Wake-up listener lost the database (%s); reconnecting", exc)
             finally:

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PydanticSchemaGenerationError,
+    PydanticUserError,
     TypeAdapter,
     create_model,
 )
@@ -108,6 +109,15 @@ def _arguments_model(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel]
     return model, aliases
 
 
+def _result_adapter(annotation: Any) -> TypeAdapter[Any]:
+    # NaN and infinities kept as themselves (then refused by json.dumps),
+    # not silently turned into null. Models carry their own config.
+    try:
+        return TypeAdapter(annotation, config=ConfigDict(ser_json_inf_nan="constants"))
+    except PydanticUserError:
+        return TypeAdapter(annotation)
+
+
 class Task(Generic[P, R]):
     """A function registered on a hub. Calling it runs it now, like the plain
     function; `delay` and `apply_async` store a run for a worker instead."""
@@ -131,7 +141,7 @@ class Task(Generic[P, R]):
         self._args_model, _ = _arguments_model(fn, name)
         hints = _type_hints(fn)
         try:
-            self._result_adapter: TypeAdapter[Any] = TypeAdapter(hints.get("return", Any))
+            self._result_adapter: TypeAdapter[Any] = _result_adapter(hints.get("return", Any))
         except PydanticSchemaGenerationError as exc:
             raise ConfigurationError(
                 f"Task {name!r}: its return type cannot be carried as JSON ({exc})."
@@ -230,12 +240,14 @@ class Task(Generic[P, R]):
     def dump_result(self, value: Any) -> Any:
         """A return value as JSON; raises NotSerializable naming the type."""
         try:
-            return self._result_adapter.dump_python(value, mode="json")
-        except PydanticSerializationError as exc:
+            result = self._result_adapter.dump_python(value, mode="json")
+            json.dumps(result, allow_nan=False)
+        except (PydanticSerializationError, ValueError) as exc:
             raise NotSerializable(
                 f"Task {self.name!r} returned a {type(value).__name__}, "
                 f"which cannot be carried as JSON: {exc}"
             ) from exc
+        return result
 
     def load_result(self, value: Any) -> Any:
         """A stored result back to the declared return type."""

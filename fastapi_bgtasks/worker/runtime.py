@@ -122,6 +122,7 @@ class Held:
 class _Pending:
     report: Report
     on_outcome: Callable[[str], None] | None
+    replaced: bool = False
 
 
 class Worker:
@@ -150,6 +151,7 @@ class Worker:
         self._connected_once = False
         self._finished = anyio.Event()  # replaced each time a run finishes
         self._hello_received = anyio.Event()
+        self._batch_cap = MAX_BATCH
         self.max_body_bytes = 1024 * 1024
         self.max_result_bytes = config.max_result_bytes
         self.client: WorkerClient | None = None
@@ -296,7 +298,11 @@ class Worker:
     def _receive(self, delivery: Delivery, runs: TaskGroup) -> None:
         held = self.held.get(delivery.id)
         if held is not None:
-            if held.delivery.lease_token != delivery.lease_token and not held.finished:
+            if (
+                held.delivery.lease_token != delivery.lease_token
+                and not held.finished
+                and held.stop_reason is None
+            ):
                 # Our lease lapsed and the run came back to us: carry on under
                 # the new lease (one execution, so no overlap) and say so.
                 log.warning("Run %s: continuing under a new lease", delivery.id)
@@ -324,18 +330,15 @@ class Worker:
         if not acquired:
             # Never started: hand it back (or, if cancelled, say so).
             if held.stop_reason == "cancel":
-                self._final(held, Report(run_id=d.id, lease_token=d.lease_token, state="CANCELLED"))
+                self._final(held, _report(held.delivery, "CANCELLED"))
             elif held.stop_reason == "lost":
                 self._forget(held)
             else:
-                self._final(held, Report(run_id=d.id, lease_token=d.lease_token, state="RELEASED"))
+                self._final(held, _report(held.delivery, "RELEASED"))
             return
         try:
             held.started = True
-            self._enqueue(
-                Report(run_id=d.id, lease_token=d.lease_token, state="RUNNING"),
-                self._on_running_outcome(held),
-            )
+            self._enqueue(_report(held.delivery, "RUNNING"), self._on_running_outcome(held))
             log.info("Received task run: %s - %s", d.id, d.task)
             report = await self._call(held)
         finally:
@@ -349,6 +352,12 @@ class Worker:
         self._final(held, report)
 
     async def _call(self, held: Held) -> Report:
+        outcome = await self._outcome(held)
+        # Built now, not at the start: the run may have moved to a new lease
+        # of ours while it ran (see _receive).
+        return outcome.model_copy(update={"lease_token": held.delivery.lease_token})
+
+    async def _outcome(self, held: Held) -> Report:
         d = held.delivery
         task = self.tasks.get(d.task)
         if task is None:  # the feed only sends what we asked for; defensive
@@ -452,11 +461,16 @@ class Worker:
 
     async def _reporter(self, scope: anyio.CancelScope) -> None:
         with scope:
+            delay = 0.2
             while True:
                 await self._pending_event.wait()
                 # A short window lets one POST carry many reports.
                 await anyio.sleep(self.report_interval)
-                await self._flush_once()
+                if await self._flush_once():
+                    delay = 0.2
+                else:  # refused credentials: do not hammer (or lock out) the app
+                    await anyio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 10.0)
 
     async def _flush_all(self) -> None:
         while self._pending:
@@ -475,16 +489,34 @@ class Worker:
                 log.error("Reports refused: %s", exc)
                 return False
             except RemoteError as exc:
+                if exc.remote_status == 413 and len(batch) > 1:
+                    # Something between us and the app allows less: send fewer.
+                    self._batch_cap = max(1, len(batch) // 2)
+                    continue
                 if exc.remote_status in (413, 422) and len(batch) == 1:
+                    first = batch[0]
+                    if first.replaced:
+                        log.error(
+                            "Run %s: report refused again (%s); dropped", first.report.run_id, exc
+                        )
+                        del self._pending[0]
+                        if first.on_outcome is not None:
+                            first.on_outcome("stale")
+                        continue
                     # This one report can never be accepted: say why instead.
-                    self._pending[0] = _Pending(_refused(batch[0].report, exc), batch[0].on_outcome)
+                    self._pending[0] = _Pending(_refused(first.report, exc), first.on_outcome, True)
                     continue
                 log.warning("Reports not delivered (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
                 continue
             except (httpx.HTTPError, BgTasksError) as exc:
-                log.warning("Reports not delivered (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "Reports not delivered (%s: %s); retrying in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
                 continue
@@ -505,8 +537,9 @@ class Worker:
         budget = int(self.max_body_bytes * 0.9) - 200
         batch: list[_Pending] = []
         used = 0
-        for pending in self._pending[:MAX_BATCH]:
-            size = len(pending.report.model_dump_json()) + 1
+        for pending in self._pending[: min(MAX_BATCH, self._batch_cap)]:
+            # Bytes as sent: the client posts this same JSON, UTF-8 encoded.
+            size = len(pending.report.model_dump_json().encode()) + 1
             if batch and used + size > budget:
                 break
             batch.append(pending)
@@ -529,19 +562,21 @@ class Worker:
     async def _beat(self, held: list[Held]) -> None:
         assert self.client is not None
         sent_at = time.monotonic()
+        sent = {h.delivery.id: h.delivery.lease_token for h in held}
         try:
             with anyio.fail_after(self._request_timeout()):
-                answer = await self.client.heartbeat([h.lease for h in held])
+                answer = await self.client.heartbeat(list(sent.items()))
         except (httpx.HTTPError, BgTasksError, TimeoutError) as exc:
             log.warning("Heartbeat failed (%s: %s)", type(exc).__name__, exc)
             return
         renewed = set(answer.renewed)
         for h in held:
-            if h.delivery.id in renewed:
+            if h.delivery.id in renewed and h.delivery.lease_token == sent[h.delivery.id]:
                 h.last_renewed = sent_at
         for run_id in answer.stop:
             h2 = self.held.get(run_id)
-            if h2 is not None and not h2.finished:
+            # Only if it still holds the lease we asked about (not a newer one).
+            if h2 is not None and not h2.finished and h2.delivery.lease_token == sent.get(run_id):
                 log.warning("Run %s: lease no longer ours; stopping it", run_id)
                 h2.stop("lost")
         for run_id in answer.cancel:
