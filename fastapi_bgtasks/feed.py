@@ -34,6 +34,7 @@ log = logging.getLogger("fastapi_bgtasks.feed")
 
 # The NOTIFY payload for "some task": feeds in other processes re-claim for all.
 ANY_TASK = "*"
+NOTIFY_WINDOW = 0.005
 
 
 class Wakeups:
@@ -82,6 +83,9 @@ class Wakeups:
 
     async def next_notification(self) -> list[str]:
         await self._notify.wait()
+        return self.take_notifications()
+
+    def take_notifications(self) -> list[str]:
         self._notify = anyio.Event()
         tasks, self._to_notify = sorted(self._to_notify), set()
         return tasks
@@ -145,6 +149,10 @@ async def _notifier(running: Running) -> None:
     # a burst of submits costs one NOTIFY per task.
     while True:
         tasks = await running.wakeups.next_notification()
+        # A few milliseconds of coalescing turn a burst of submits into one
+        # NOTIFY; other processes still hear of new runs within milliseconds.
+        await anyio.sleep(NOTIFY_WINDOW)
+        tasks = sorted({*tasks, *running.wakeups.take_notifications()})
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await running.store.notify(tasks)

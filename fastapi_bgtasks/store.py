@@ -280,6 +280,7 @@ class Store:
         self._pool_size = pool_size
         self._writer: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
+        self._statements: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------
 
@@ -501,41 +502,28 @@ class Store:
     ) -> tuple[dict[str, Any], bool]:
         """One statement. Returns (row, created); a repeated idempotency key
         returns the stored row, or raises IdempotencyConflict on other arguments."""
-        run_id = uuid.uuid4()
-        now = self._now()
-        if eta is not None:
-            scheduled: Any = sa.literal(eta.astimezone(UTC), sa.DateTime(timezone=True))
-        elif countdown:
-            scheduled = self._after(countdown)
-        else:
-            scheduled = now
-        values = {
-            "id": run_id,
+        params: dict[str, Any] = {
+            "id": uuid.uuid4(),
             "task": task,
-            "state": S.SCHEDULED.value,
-            "attempt": 0,
             "max_attempts": max_attempts,
-            "rescues": 0,
             "max_rescues": max_rescues,
             "retry_delays": retry_delays,
             "timeout_seconds": timeout_seconds,
             "priority": priority,
             "args": args,
             "kwargs": kwargs,
-            "created_at": now,
-            "scheduled_at": scheduled,
-            "updated_at": now,
             "idempotency_key": idempotency_key,
-            "cancel_requested": False,
+            "eta": eta.astimezone(UTC) if eta is not None else None,
         }
-        insert = (postgresql.insert if self.is_pg else sqlite.insert)(runs).values(values)
-        if idempotency_key is not None:
-            insert = insert.on_conflict_do_nothing(
-                index_elements=[runs.c.task, runs.c.idempotency_key],
-                index_where=runs.c.idempotency_key.isnot(None),
-            )
+        if self.is_pg:
+            params["delay"] = timedelta(seconds=countdown or 0)
+        else:
+            now = datetime.now(UTC)
+            params["now"] = now
+            params["scheduled"] = params["eta"] or now + timedelta(seconds=countdown or 0)
+        insert = self._insert_statement(idempotent=idempotency_key is not None)
         async with self._one() as conn:
-            row = (await conn.execute(insert.returning(*runs.c))).first()
+            row = (await conn.execute(insert, params)).first()
         if row is not None:
             return _row(row), True
         async with self._read() as conn:
@@ -549,6 +537,44 @@ class Store:
         if row is None:  # deleted between the two statements: vanishingly rare
             raise StoreUnavailable("The run for this idempotency key changed; try again.")
         return _row(row), False
+
+    def _insert_statement(self, *, idempotent: bool) -> Any:
+        """Built once per store: a submit only binds parameters (the hot path)."""
+        key = "insert_idempotent" if idempotent else "insert"
+        statement = self._statements.get(key)
+        if statement is not None:
+            return statement
+        if self.is_pg:
+            now: Any = sa.func.now()
+            scheduled: Any = sa.func.coalesce(
+                sa.bindparam("eta", type_=sa.DateTime(timezone=True)),
+                sa.func.now() + sa.bindparam("delay", type_=sa.Interval),
+            )
+        else:
+            now = sa.bindparam("now", type_=sa.DateTime(timezone=True))
+            scheduled = sa.bindparam("scheduled", type_=sa.DateTime(timezone=True))
+        columns = (
+            "id", "task", "max_attempts", "max_rescues", "retry_delays", "timeout_seconds",
+            "priority", "args", "kwargs", "idempotency_key",
+        )  # fmt: skip
+        values: dict[str, Any] = {c: sa.bindparam(c, type_=runs.c[c].type) for c in columns}
+        values.update(
+            state=S.SCHEDULED.value,
+            attempt=0,
+            rescues=0,
+            cancel_requested=False,
+            created_at=now,
+            updated_at=now,
+            scheduled_at=scheduled,
+        )
+        insert = (postgresql.insert if self.is_pg else sqlite.insert)(runs).values(values)
+        if idempotent:
+            insert = insert.on_conflict_do_nothing(
+                index_elements=[runs.c.task, runs.c.idempotency_key],
+                index_where=runs.c.idempotency_key.isnot(None),
+            )
+        statement = self._statements[key] = insert.returning(*runs.c)
+        return statement
 
     # -- ⑥ status ---------------------------------------------------------
 
@@ -968,9 +994,10 @@ class Store:
         Sent after the submit's commit, outside its transaction."""
         if not self.is_pg or not tasks:
             return
-        statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.column("t"))).select_from(
-            sa.func.unnest(sa.literal(list(tasks), postgresql.ARRAY(sa.String))).alias("t")
-        )
+        # Listeners re-claim for every task they serve whatever the payload:
+        # one NOTIFY carries the whole coalesced set, within NOTIFY's size limit.
+        payload = ",".join(tasks)[:7000]
+        statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("payload", payload)))
         async with self._one() as conn:
             await conn.execute(statement)
 
