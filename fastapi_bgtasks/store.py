@@ -361,16 +361,14 @@ class Store:
 
     @asynccontextmanager
     async def _one(self) -> AsyncIterator[AsyncConnection]:
-        """For a single write statement: autocommit on PostgreSQL (one round trip)."""
+        """For a single write statement: autocommit (one round trip)."""
         writer, _ = self._engines()
         try:
-            if self.is_pg:
-                async with writer.connect() as conn:
-                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    yield conn
-            else:
-                async with writer.begin() as conn:
-                    yield conn
+            # One statement is its own transaction on both backends: no
+            # BEGIN/COMMIT round trips (on SQLite it still takes the write lock).
+            async with writer.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield conn
         except _CAUGHT as exc:
             if _is_bad_value(exc):
                 raise InvalidValue(
@@ -1091,4 +1089,6 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            return  # a single statement, committed by SQLite itself
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
