@@ -42,6 +42,7 @@ S = RunState
 ACTIVE = [s.value for s in ACTIVE_STATES]
 NOTIFY_CHANNEL = "bgtasks_runs"
 LOCK_KEY = 0x6267_7461_736B  # "bgtask": the advisory lock migrations hold
+CLAIM_LOCK = 0x6267  # with hashtext(worker_id): one claim at a time per worker
 
 metadata = sa.MetaData()
 
@@ -701,8 +702,21 @@ class Store:
             )
             .returning(*self._DELIVERY)
         )
-        async with self._one() as conn:
-            rows = [_row(r) for r in await conn.execute(statement)]
+        if self.is_pg:
+            # Two claims for one worker (a reconnect overlapping its old
+            # stream, perhaps on another app process) would each count the
+            # other's rows as free: serialise them on a per-worker lock, taken
+            # before the claim's snapshot.
+            async with self._write() as conn:
+                await conn.execute(
+                    sa.select(
+                        sa.func.pg_advisory_xact_lock(CLAIM_LOCK, sa.func.hashtext(worker_id))
+                    )
+                )
+                rows = [_row(r) for r in await conn.execute(statement)]
+        else:
+            async with self._one() as conn:
+                rows = [_row(r) for r in await conn.execute(statement)]
         rows.sort(key=lambda r: (-r["priority"], r["scheduled_at"]))
         return rows
 
@@ -903,7 +917,7 @@ class Store:
             "COMPLETED": {S.COMPLETED.value},
             "CANCELLED": {S.CANCELLED.value},
             "FAILED": {S.FAILED.value, S.SCHEDULED.value},
-            "RELEASED": {S.SCHEDULED.value},
+            "RELEASED": {S.SCHEDULED.value, S.CANCELLED.value},
         }[report.state]
         if row.state in repeats and (report.state != "COMPLETED" or row.result == result):
             return "duplicate"
