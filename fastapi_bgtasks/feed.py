@@ -48,6 +48,9 @@ class Wakeups:
         self._workers: dict[str, anyio.Event] = {}
         self._to_notify: set[str] = set()
         self._notify = anyio.Event()
+        # Workers whose leases the reaper took: their open feeds are closed
+        # (a half-open link would otherwise keep leasing runs into the void).
+        self.lost_workers: set[str] = set()
 
     def runs_event(self) -> anyio.Event:
         return self._runs
@@ -76,6 +79,10 @@ class Wakeups:
         event = self._workers.pop(worker_id, None)
         if event is not None:
             event.set()
+
+    def worker_lost(self, worker_id: str) -> None:
+        self.lost_workers.add(worker_id)
+        self.worker_freed(worker_id)
 
     def run_changed(self) -> None:
         self._changed.set()
@@ -120,7 +127,7 @@ async def run_services(
 
 async def _reaper(hub: BgTasks, running: Running) -> None:
     while True:
-        reaped: list[tuple[Any, str]] = []
+        reaped: list[tuple[Any, str, str | None]] = []
         try:
             # Shielded (and bounded): a statement cancelled mid-way by the
             # lifespan's exit strands aiosqlite's connection thread.
@@ -128,9 +135,17 @@ async def _reaper(hub: BgTasks, running: Running) -> None:
                 reaped = await running.store.reap_expired()
         except StoreUnavailable as exc:
             log.warning("Reaper: %s", exc)
+        except Exception:
+            # A service must outlive any one failure: ending here would end
+            # the lifespan and leave every route answering 503.
+            log.exception("Reaper pass failed; retrying")
         if reaped:
-            for run_id, state in reaped:
-                log.warning("Run %s lost its worker (lease expired): now %s", run_id, state)
+            for run_id, state, worker_id in reaped:
+                log.warning(
+                    "Run %s lost its worker %s (lease expired): now %s", run_id, worker_id, state
+                )
+                if worker_id is not None:
+                    running.wakeups.worker_lost(worker_id)
             running.wakeups.runs_added(ANY_TASK)
             running.wakeups.run_changed()
         await anyio.sleep(hub.reaper_seconds)
@@ -141,7 +156,12 @@ async def _watcher(running: Running) -> None:
         running.wakeups.runs_added(None, local=False)
         running.wakeups.run_changed()
 
-    await running.store.watch(on_change)
+    while True:
+        try:
+            await running.store.watch(on_change)
+        except Exception:
+            log.exception("Wake-up watcher failed; restarting it")
+        await anyio.sleep(1.0)
 
 
 async def _notifier(running: Running) -> None:
@@ -156,7 +176,7 @@ async def _notifier(running: Running) -> None:
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await running.store.notify(tasks)
-        except StoreUnavailable as exc:
+        except Exception as exc:
             log.warning("NOTIFY failed (%s); other app processes will poll", exc)
             await anyio.sleep(0.5)
 
@@ -195,6 +215,7 @@ async def _deliveries(
         max_body_bytes=hub.worker_body_bytes,
         max_result_bytes=hub.max_result_bytes,
     )
+    wakeups.lost_workers.discard(worker_id)  # it is back: serve it again
     yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
     deadline = time.monotonic() + hub.feed_max_seconds
     unsent: list[dict[str, Any]] = []
@@ -204,7 +225,7 @@ async def _deliveries(
         if resend:
             yield _runs_event(resend)
         while not (shutdown.is_set() or running.closing.is_set()):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or worker_id in wakeups.lost_workers:
                 break
             events = [
                 wakeups.runs_event(),

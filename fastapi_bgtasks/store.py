@@ -188,19 +188,35 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _CAUGHT: tuple[type[BaseException], ...] = (*_UNAVAILABLE, sa.exc.DBAPIError)
 
 
+# SQLSTATEs of a database that is going away, starting up or out of room:
+# connection exceptions (08), too many connections, admin/crash shutdown,
+# cannot connect now.
+_UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
 def _is_unavailable(exc: BaseException) -> bool:
-    """A lost, refused or hung database (a 503); any other database error is
-    a bug and propagates as it is."""
+    """A lost, refused, restarting or hung database (a 503); any other
+    database error is a bug and propagates as it is."""
     if isinstance(exc, _UNAVAILABLE):
         return True
-    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    state = _sqlstate(exc)
+    return bool(exc.connection_invalidated) or (
+        state is not None and state.startswith(_UNAVAILABLE_STATES)
+    )
 
 
 def _is_bad_value(exc: BaseException) -> bool:
     """SQLSTATE class 22, "data exception": the request's fault, a 422."""
-    orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return isinstance(state, str) and state.startswith("22")
+    state = _sqlstate(exc)
+    return state is not None and state.startswith("22")
 
 
 def safe_url(url: str) -> str:
@@ -957,7 +973,7 @@ class Store:
 
     # -- the reaper -------------------------------------------------------
 
-    async def reap_expired(self) -> list[tuple[uuid.UUID, str]]:
+    async def reap_expired(self) -> list[tuple[uuid.UUID, str, str | None]]:
         """Runs whose lease expired go back to SCHEDULED without spending a
         retry, or end CRASHED once their rescues are spent. A conditional
         update: harmless when several app processes run it at once."""
@@ -996,8 +1012,15 @@ class Store:
             )
             .returning(runs.c.id, runs.c.state)
         )
-        async with self._one() as conn:
-            return [(r.id, r.state) for r in await conn.execute(statement)]
+        # The worker that lost each run, read before the update clears it.
+        lost_by = sa.select(runs.c.id, runs.c.worker_id).where(
+            _ACTIVE, runs.c.lease_expires_at < now
+        )
+        async with self._write() as conn:
+            workers = {r.id: r.worker_id for r in await conn.execute(lost_by)}
+            if not workers:
+                return []
+            return [(r.id, r.state, workers.get(r.id)) for r in await conn.execute(statement)]
 
     # -- cross-process wake-ups -------------------------------------------
 

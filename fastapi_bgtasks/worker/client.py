@@ -43,8 +43,8 @@ class WorkerClient:
 
         Raises AccessDenied (do not retry), RemoteError or httpx errors (retry).
         """
-        # The server pings every few seconds: a silent minute means a dead link.
-        timeout = httpx.Timeout(10.0, read=60.0)
+        # The server pings every 5 s: 20 s of silence means a dead link.
+        timeout = httpx.Timeout(10.0, read=20.0)
         async with aconnect_sse(
             self.http,
             "GET",

@@ -151,6 +151,7 @@ class Worker:
         self._connected_once = False
         self._finished = anyio.Event()  # replaced each time a run finishes
         self._hello_received = anyio.Event()
+        self._urgent = anyio.Event()
         self._batch_cap = MAX_BATCH
         self.max_body_bytes = 1024 * 1024
         self.max_result_bytes = config.max_result_bytes
@@ -338,7 +339,9 @@ class Worker:
             return
         try:
             held.started = True
-            self._enqueue(_report(held.delivery, "RUNNING"), self._on_running_outcome(held))
+            if not await self._confirm_start(held):
+                self._mark_finished(held)
+                return
             log.info("Received task run: %s - %s", d.id, d.task)
             report = await self._call(held)
         finally:
@@ -350,6 +353,44 @@ class Worker:
             return
         log.info("Task run %s - %s: Finished in state %s", d.id, d.task, _state_label(report))
         self._final(held, report)
+
+    async def _confirm_start(self, held: Held) -> bool:
+        """Report RUNNING and wait for the app to accept it before calling the
+        task: a delivery that sat in a half-open link while its lease expired
+        is refused here, so it never runs beside its successor."""
+        confirmed = anyio.Event()
+        outcome: list[str] = []
+        check = self._on_running_outcome(held)
+
+        def answered(result: str) -> None:
+            outcome.append(result)
+            confirmed.set()
+            check(result)
+
+        self._enqueue(_report(held.delivery, "RUNNING"), answered, urgent=True)
+        with anyio.CancelScope() as scope:
+            held.scope = scope
+            if held.stop_reason is not None:
+                scope.cancel()
+            await confirmed.wait()
+        held.scope = None
+        if outcome and outcome[0] in ("accepted", "duplicate") and held.stop_reason is None:
+            return True
+        reason = held.stop_reason
+        if outcome and outcome[0] in ("stale", "unknown"):
+            log.warning(
+                "Run %s: the app refused its start (%s); not running it",
+                held.delivery.id,
+                outcome[0],
+            )
+            self._forget(held)
+        elif reason == "cancel":
+            self._final(held, _report(held.delivery, "CANCELLED"))
+        elif reason == "lost":
+            self._forget(held)
+        else:
+            self._final(held, _report(held.delivery, "RELEASED"))
+        return False
 
     async def _call(self, held: Held) -> Report:
         outcome = await self._outcome(held)
@@ -455,17 +496,24 @@ class Worker:
 
     # -- reports ---------------------------------------------------------
 
-    def _enqueue(self, report: Report, on_outcome: Callable[[str], None] | None) -> None:
+    def _enqueue(
+        self, report: Report, on_outcome: Callable[[str], None] | None, *, urgent: bool = False
+    ) -> None:
         self._pending.append(_Pending(report, on_outcome))
         self._pending_event.set()
+        if urgent:  # a run waits for this answer: skip the batching window
+            self._urgent.set()
 
     async def _reporter(self, scope: anyio.CancelScope) -> None:
         with scope:
             delay = 0.2
             while True:
                 await self._pending_event.wait()
-                # A short window lets one POST carry many reports.
-                await anyio.sleep(self.report_interval)
+                # A short window lets one POST carry many reports, cut short
+                # when a run waits to start.
+                with anyio.move_on_after(self.report_interval):
+                    await self._urgent.wait()
+                self._urgent = anyio.Event()
                 if await self._flush_once():
                     delay = 0.2
                 else:  # refused credentials: do not hammer (or lock out) the app

@@ -41,6 +41,10 @@ class TcpProxy:
             self._loop.run_until_complete(main())
         except (asyncio.CancelledError, RuntimeError):
             pass
+        # Let the cancelled connection tasks finish before the loop closes.
+        pending = asyncio.all_tasks(self._loop)
+        if pending:
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -91,3 +95,5 @@ class TcpProxy:
 
         self._loop.call_soon_threadsafe(stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
