@@ -5,7 +5,7 @@ one FastAPI sub-app, the body limit, and one JSON error shape for all errors.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -110,6 +110,27 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _safe_errors(errors: Any) -> list[dict[str, Any]]:
+    """pydantic's error list without the offending input, which may be NaN,
+    raw bytes or a lone surrogate that no JSON response can carry (and which
+    the caller already has)."""
+    safe = []
+    for error in errors:
+        item: dict[str, Any] = {
+            "type": str(error.get("type", "")),
+            "loc": [p if isinstance(p, int) else str(p) for p in error.get("loc", ())],
+            "msg": _text(error.get("msg", "")),
+        }
+        if error.get("ctx"):
+            item["ctx"] = {str(k): _text(v) for k, v in error["ctx"].items()}
+        safe.append(item)
+    return safe
+
+
+def _text(value: Any) -> str:
+    return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
 def build_app(hub: BgTasks) -> ASGIApp:
     api = FastAPI(
         title="fastapi_bgtasks",
@@ -124,12 +145,10 @@ def build_app(hub: BgTasks) -> ASGIApp:
 
     @api.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        from fastapi.encoders import jsonable_encoder
-
         body = {
             "error": "invalid_request",
             "message": "The request is not valid; see detail for each problem.",
-            "detail": jsonable_encoder(exc.errors()),
+            "detail": _safe_errors(exc.errors()),
         }
         return JSONResponse(body, status_code=422)
 
@@ -146,12 +165,10 @@ def build_app(hub: BgTasks) -> ASGIApp:
 
     @api.exception_handler(ValidationError)
     async def on_bad_arguments(_request: Request, exc: ValidationError) -> JSONResponse:
-        from fastapi.encoders import jsonable_encoder
-
         body = {
             "error": "invalid_arguments",
             "message": "The arguments do not match the task's signature.",
-            "detail": jsonable_encoder(exc.errors(include_url=False)),
+            "detail": _safe_errors(exc.errors(include_url=False)),
         }
         return JSONResponse(body, status_code=422)
 

@@ -105,9 +105,9 @@ class _Wire(BaseModel):
 class ErrorInfo(BaseModel):
     """What a failed attempt raised, as plain text: never rebuilt into an exception."""
 
-    type: str
-    message: str
-    traceback: str | None = None
+    type: str = Field(max_length=200)
+    message: str = Field(max_length=20_000)
+    traceback: str | None = Field(default=None, max_length=128 * 1024)
 
 
 class ErrorBody(BaseModel):

@@ -185,7 +185,11 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-_CAUGHT: tuple[type[BaseException], ...] = (*_UNAVAILABLE, sa.exc.DBAPIError)
+_CAUGHT: tuple[type[BaseException], ...] = (
+    *_UNAVAILABLE,
+    sa.exc.DBAPIError,
+    UnicodeEncodeError,
+)
 
 
 # SQLSTATEs of a database that is going away, starting up or out of room:
@@ -214,7 +218,12 @@ def _is_unavailable(exc: BaseException) -> bool:
 
 
 def _is_bad_value(exc: BaseException) -> bool:
-    """SQLSTATE class 22, "data exception": the request's fault, a 422."""
+    """SQLSTATE class 22, "data exception", or text no driver can encode:
+    the request's fault, a 422."""
+    if isinstance(exc, UnicodeEncodeError) or isinstance(
+        getattr(exc, "orig", None), UnicodeEncodeError
+    ):
+        return True
     state = _sqlstate(exc)
     return state is not None and state.startswith("22")
 
@@ -250,6 +259,18 @@ def _row(row: Any) -> dict[str, Any]:
 
 def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":")))
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:  # incl. UnicodeEncodeError (a lone surrogate)
+        return False
+    return True
+
+
+def _clean_text(value: str) -> str:
+    return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
@@ -818,6 +839,16 @@ class Store:
         state = report.state
         result = report.result
         error = report.error.model_dump() if report.error else None
+        if error is not None:
+            # Plain text only, valid UTF-8, whatever the worker sent.
+            error = {k: _clean_text(v) if isinstance(v, str) else v for k, v in error.items()}
+        if state == "COMPLETED" and not _encodable(result):
+            state, result = "FAILED", None
+            error = {
+                "type": "NotSerializable",
+                "message": "The result holds text that is not valid Unicode.",
+                "traceback": None,
+            }
         if state == "COMPLETED" and _json_size(result) > max_result_bytes:
             state, result = "FAILED", None
             error = {

@@ -190,11 +190,19 @@ class Task(Generic[P, R]):
             ) from exc
         json_args, json_kwargs = self._split(data)
         try:
-            size = len(json.dumps([json_args, json_kwargs], separators=(",", ":"), allow_nan=False))
+            encoded = json.dumps(
+                [json_args, json_kwargs], separators=(",", ":"), allow_nan=False, ensure_ascii=False
+            ).encode()
+        except UnicodeEncodeError as exc:
+            raise NotSerializable(
+                f"Arguments of task {self.name!r} hold text that is not valid Unicode "
+                "(a lone surrogate), which cannot be stored."
+            ) from exc
         except ValueError as exc:
             raise NotSerializable(
                 f"Arguments of task {self.name!r} hold NaN or an infinity, which JSON cannot carry."
             ) from exc
+        size = len(encoded)
         if size > self.hub.max_args_bytes:
             raise PayloadTooLarge(
                 f"Arguments of task {self.name!r} are {size} bytes as JSON; "
@@ -241,8 +249,8 @@ class Task(Generic[P, R]):
         """A return value as JSON; raises NotSerializable naming the type."""
         try:
             result = self._result_adapter.dump_python(value, mode="json")
-            json.dumps(result, allow_nan=False)
-        except (PydanticSerializationError, ValueError) as exc:
+            json.dumps(result, allow_nan=False, ensure_ascii=False).encode()
+        except (PydanticSerializationError, ValueError) as exc:  # incl. UnicodeEncodeError
             raise NotSerializable(
                 f"Task {self.name!r} returned a {type(value).__name__}, "
                 f"which cannot be carried as JSON: {exc}"

@@ -708,7 +708,7 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     text = "".join(traceback.format_exception(exc))
     if len(text) > MAX_TRACEBACK:
         text = text[-MAX_TRACEBACK:]
-    return ErrorInfo(type=type(exc).__name__, message=str(exc)[:10000], traceback=text)
+    return ErrorInfo(type=type(exc).__name__[:200], message=str(exc)[:10000], traceback=text)
 
 
 def _state_label(report: Report) -> str:
