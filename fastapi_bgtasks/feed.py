@@ -132,7 +132,7 @@ async def _reaper(hub: BgTasks, running: Running) -> None:
             # Shielded (and bounded): a statement cancelled mid-way by the
             # lifespan's exit strands aiosqlite's connection thread.
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                reaped = await running.store.reap_expired()
+                reaped = await running.store.reap_expired_runs()
         except StoreUnavailable as exc:
             log.warning("Reaper: %s", exc)
         except Exception:

@@ -192,10 +192,10 @@ _CAUGHT: tuple[type[BaseException], ...] = (
 )
 
 
-# SQLSTATEs of a database that is going away, starting up or out of room:
-# connection exceptions (08), too many connections, admin/crash shutdown,
-# cannot connect now.
-_UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03")
+# SQLSTATEs worth a retry: a database going away, starting up or out of
+# room (08, 53300, 57P0x), and transactions aborted by a serialization
+# failure or a deadlock (40001, 40P01).
+_UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03", "40001", "40P01")
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -824,10 +824,13 @@ class Store:
         self, reports: Sequence[Report], *, max_result_bytes: int
     ) -> list[tuple[str, dict[str, Any] | None]]:
         """Apply a worker's batch in one transaction; one outcome per report."""
-        outcomes: list[tuple[str, dict[str, Any] | None]] = []
+        outcomes: list[tuple[str, dict[str, Any] | None]] = [("unknown", None)] * len(reports)
+        # Rows are locked in id order, as heartbeats lock them, so a batch and
+        # a heartbeat of one worker never deadlock.
+        order = sorted(range(len(reports)), key=lambda i: reports[i].run_id)
         async with self._write() as conn:
-            for report in reports:
-                outcomes.append(await self._apply(conn, report, max_result_bytes))
+            for i in order:
+                outcomes[i] = await self._apply(conn, reports[i], max_result_bytes)
         return outcomes
 
     async def _apply(
@@ -983,14 +986,19 @@ class Store:
         if not held:
             return [], [], []
         tokens = {run_id: token for run_id, token in held}
+        mine = sa.and_(
+            runs.c.worker_id == worker_id,
+            _ACTIVE,
+            # (id, token) pairs: a stale token renews nothing.
+            sa.tuple_(runs.c.id, runs.c.lease_token).in_(list(tokens.items())),
+        )
+        if self.is_pg:
+            # Lock in id order, as report batches do: the two never deadlock.
+            locked = sa.select(runs.c.id).where(mine).order_by(runs.c.id).with_for_update()
+            mine = runs.c.id.in_(locked.scalar_subquery())
         statement = (
             runs.update()
-            .where(
-                runs.c.worker_id == worker_id,
-                _ACTIVE,
-                # (id, token) pairs: a stale token renews nothing.
-                sa.tuple_(runs.c.id, runs.c.lease_token).in_(list(tokens.items())),
-            )
+            .where(mine)
             .values(lease_expires_at=self._after(lease_seconds))
             .returning(runs.c.id, runs.c.lease_token, runs.c.cancel_requested)
         )
@@ -1004,10 +1012,15 @@ class Store:
 
     # -- the reaper -------------------------------------------------------
 
-    async def reap_expired(self) -> list[tuple[uuid.UUID, str, str | None]]:
+    async def reap_expired(self) -> list[tuple[uuid.UUID, str]]:
+        """(run id, new state) of each run taken back from its worker."""
+        return [(run_id, state) for run_id, state, _ in await self.reap_expired_runs()]
+
+    async def reap_expired_runs(self) -> list[tuple[uuid.UUID, str, str | None]]:
         """Runs whose lease expired go back to SCHEDULED without spending a
         retry, or end CRASHED once their rescues are spent. A conditional
-        update: harmless when several app processes run it at once."""
+        update: harmless when several app processes run it at once. Returns
+        (run id, new state, the worker that lost it)."""
         now = self._now()
         cancelled = runs.c.cancel_requested
         exhausted = runs.c.rescues >= runs.c.max_rescues
