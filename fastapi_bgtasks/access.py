@@ -153,17 +153,20 @@ def operator_check(hub: BgTasks) -> Callable[[Request], Awaitable[BaseException 
     throttle = hub.auth_throttle
 
     async def check_operator(request: Request) -> BaseException | None:
-        if _bearer_ok(request, hub.token):
-            return None
-        if hub.token and request.headers.get("authorization", "").lower().startswith("bearer "):
-            # A wrong worker token counts here as on worker routes, so this
-            # route is no way around the limit on guesses.
-            client = _client(request)
-            throttle.failed(client)
+        presented = request.headers.get("authorization", "").lower().startswith("bearer ")
+        # With no host auth, a bearer token here can only be the worker's: a
+        # wrong one counts as on worker routes (no way around the limit on
+        # guesses). A host auth may use bearer tokens of its own: not counted.
+        guarded = bool(hub.token) and host is None and presented
+        if guarded:
             try:
-                throttle.check(client)
+                throttle.check(_client(request))
             except RateLimited as exc:
                 return exc
+        if _bearer_ok(request, hub.token):
+            return None
+        if guarded:
+            throttle.failed(_client(request))
         if host is not None:
             return await host(request)
         if is_loopback(request):

@@ -81,6 +81,8 @@ class Wakeups:
             event.set()
 
     def worker_lost(self, worker_id: str) -> None:
+        if len(self.lost_workers) > 10_000:  # ids of workers that never came back
+            self.lost_workers.clear()
         self.lost_workers.add(worker_id)
         self.worker_freed(worker_id)
 

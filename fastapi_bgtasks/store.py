@@ -849,7 +849,8 @@ class Store:
             state, result = "FAILED", None
             error = {
                 "type": "NotSerializable",
-                "message": "The result holds text that is not valid Unicode.",
+                "message": "The result holds NaN, an infinity or text that is not valid "
+                "Unicode, which JSON cannot carry.",
                 "traceback": None,
             }
         if state == "COMPLETED" and _json_size(result) > max_result_bytes:

@@ -142,7 +142,7 @@ class Task(Generic[P, R]):
         hints = _type_hints(fn)
         try:
             self._result_adapter: TypeAdapter[Any] = _result_adapter(hints.get("return", Any))
-        except PydanticSchemaGenerationError as exc:
+        except (PydanticSchemaGenerationError, PydanticUserError) as exc:
             raise ConfigurationError(
                 f"Task {name!r}: its return type cannot be carried as JSON ({exc})."
             ) from exc

@@ -537,7 +537,7 @@ class Worker:
                 log.error("Reports refused: %s", exc)
                 return False
             except RemoteError as exc:
-                if exc.remote_status == 413 and len(batch) > 1:
+                if exc.remote_status in (413, 422) and len(batch) > 1:
                     # Something between us and the app allows less: send fewer.
                     self._batch_cap = max(1, len(batch) // 2)
                     continue
@@ -569,6 +569,7 @@ class Worker:
                 delay = min(delay * 2, 5.0)
                 continue
             del self._pending[: len(batch)]
+            self._batch_cap = min(MAX_BATCH, self._batch_cap * 2)
             for pending, outcome in zip(batch, outcomes, strict=False):
                 if outcome == "stale" and pending.report.state != "RUNNING":
                     log.warning(
@@ -708,7 +709,14 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     text = "".join(traceback.format_exception(exc))
     if len(text) > MAX_TRACEBACK:
         text = text[-MAX_TRACEBACK:]
-    return ErrorInfo(type=type(exc).__name__[:200], message=str(exc)[:10000], traceback=text)
+    return ErrorInfo(
+        type=type(exc).__name__[:200], message=_clean(str(exc)[:10000]), traceback=_clean(text)
+    )
+
+
+def _clean(text: str) -> str:
+    """Valid UTF-8 whatever the exception held (a lone surrogate, say)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _state_label(report: Report) -> str:
