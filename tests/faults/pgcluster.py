@@ -92,14 +92,18 @@ class PgCluster:
 
     def pause(self) -> None:
         """Freeze the database (it hangs instead of failing)."""
-        pid = self.postmaster_pid()
-        for p in [pid, *_children(pid)]:
-            os.kill(p, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
         pid = self.postmaster_pid()
         for p in [pid, *_children(pid)]:
-            os.kill(p, signal.SIGCONT)
+            try:
+                os.kill(p, signum)
+            except ProcessLookupError:
+                pass  # a backend that exited meanwhile
 
     def destroy(self) -> None:
         try:
