@@ -378,6 +378,20 @@ class Store:
         if reader is not None and reader is not writer:
             await reader.dispose()
 
+    def _translate(self, exc: BaseException) -> BaseException:
+        """A database error as what it means to the caller: the request's
+        fault (422), a database to retry later (503), or a bug (as it is)."""
+        if _is_bad_value(exc):
+            return InvalidValue(
+                "A value in this request cannot be stored (a NUL character or a value "
+                "out of range)."
+            )
+        if not _is_unavailable(exc):
+            return exc
+        return StoreUnavailable(
+            f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
+        )
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """A transaction on the writer: BEGIN IMMEDIATE on SQLite."""
@@ -386,16 +400,10 @@ class Store:
             async with writer.begin() as conn:
                 yield conn
         except _CAUGHT as exc:
-            if _is_bad_value(exc):
-                raise InvalidValue(
-                    "A value in this request cannot be stored (a NUL character or a value "
-                    "out of range)."
-                ) from exc
-            if not _is_unavailable(exc):
+            translated = self._translate(exc)
+            if translated is exc:
                 raise
-            raise StoreUnavailable(
-                f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
-            ) from exc
+            raise translated from exc
 
     @asynccontextmanager
     async def _one(self) -> AsyncIterator[AsyncConnection]:
@@ -408,16 +416,10 @@ class Store:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 yield conn
         except _CAUGHT as exc:
-            if _is_bad_value(exc):
-                raise InvalidValue(
-                    "A value in this request cannot be stored (a NUL character or a value "
-                    "out of range)."
-                ) from exc
-            if not _is_unavailable(exc):
+            translated = self._translate(exc)
+            if translated is exc:
                 raise
-            raise StoreUnavailable(
-                f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
-            ) from exc
+            raise translated from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -426,16 +428,10 @@ class Store:
             async with reader.connect() as conn:
                 yield conn
         except _CAUGHT as exc:
-            if _is_bad_value(exc):
-                raise InvalidValue(
-                    "A value in this request cannot be stored (a NUL character or a value "
-                    "out of range)."
-                ) from exc
-            if not _is_unavailable(exc):
+            translated = self._translate(exc)
+            if translated is exc:
                 raise
-            raise StoreUnavailable(
-                f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"
-            ) from exc
+            raise translated from exc
 
     async def migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION under a lock; returns the version.
