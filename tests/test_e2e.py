@@ -428,3 +428,21 @@ def test_a_sync_task_past_the_grace_period_does_not_hold_the_worker(
     # Its lease runs out and the run goes to the next worker, not lost.
     doc = httpx.get(f"{base}/tasks/runs/{run_id}").json()
     assert doc["state"] in ("RUNNING", "SCHEDULED", "PENDING")
+
+
+def test_the_example_app_demo_runs_and_every_run_completes(tmp_path: Path) -> None:
+    """README's quick start: the example app with two workers on SQLite."""
+    env = child_env(f"sqlite+aiosqlite:///{tmp_path}/unused.db", tmp_path)
+    env.pop("BGTASKS_DATABASE_URL")  # the demo runs on the embedded default
+    out = subprocess.run(
+        [sys.executable, "-m", "example_app.demo"],
+        env=env,
+        cwd=tmp_path,  # ./bgtasks.db lands here
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "6 of 6 runs COMPLETED" in out.stdout
+    assert "result='Hello, Joaquim!'" in out.stdout
+    assert (tmp_path / "bgtasks.db").exists()
