@@ -15,6 +15,7 @@ default message and `status_code` / `code` say how the mounted API answers it::
     │   ├── PayloadTooLarge   413 a body, argument set or result over its limit
     │   └── IdempotencyConflict 409 an idempotency key reused with other arguments
     ├── InvalidValue          422 a value the database refuses (a NUL character, ...)
+    ├── InvalidName           422 a task name or worker id that is not printable text
     ├── RunNotFound           404 no run has that id (or the caller may not see it)
     ├── RunFinished           409 the run already reached a terminal state
     ├── AccessDenied          401 a missing or wrong credential
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateTaskName",
     "IdempotencyConflict",
+    "InvalidName",
     "InvalidSchedule",
     "InvalidValue",
     "NotSerializable",
@@ -141,6 +143,13 @@ class InvalidValue(BgTasksError):
 
     status_code = 422
     code = "invalid_value"
+
+
+class InvalidName(BgTasksError):
+    """Task names and worker ids must be printable text of at most 200 characters."""
+
+    status_code = 422
+    code = "invalid_name"
 
 
 class RunNotFound(BgTasksError):

@@ -21,7 +21,7 @@ from anyio.abc import TaskStatus
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from .errors import BgTasksError, RateLimited, StoreUnavailable
+from .errors import BgTasksError, InvalidName, RateLimited, StoreUnavailable
 from .models import Delivery, Hello
 
 if TYPE_CHECKING:
@@ -296,10 +296,10 @@ def feed_router(hub: BgTasks) -> Any:
         if running is None:
             raise StoreUnavailable("The app's lifespan is not running.")
         if not worker_id.isprintable():
-            raise TaskNameInvalid("X-Worker-Id must be printable text.")
+            raise InvalidName("X-Worker-Id must be printable text.")
         for name in task:
             if len(name) > 200 or not name.isprintable():
-                raise TaskNameInvalid(f"Invalid task name {name[:50]!r}")
+                raise InvalidName(f"Invalid task name {name[:50]!r}")
         total = sum(running.open_feeds.values())
         if total >= hub.max_feeds or running.open_feeds.get(worker_id, 0) >= 2:
             raise RateLimited(
@@ -331,10 +331,3 @@ def feed_router(hub: BgTasks) -> Any:
         )
 
     return router
-
-
-class TaskNameInvalid(BgTasksError):
-    """Task names and worker ids must be printable text of at most 200 characters."""
-
-    status_code = 422
-    code = "invalid_task_name"
