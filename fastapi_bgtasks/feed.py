@@ -134,7 +134,9 @@ async def _reaper(hub: BgTasks, running: Running) -> None:
             # Shielded (and bounded): a statement cancelled mid-way by the
             # lifespan's exit strands aiosqlite's connection thread.
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-                reaped = await running.store.reap_expired_runs()
+                reaped = await running.store.reap_expired_runs(
+                    on_lost=lambda workers: _mark_lost(running, workers)
+                )
         except StoreUnavailable as exc:
             log.warning("Reaper: %s", exc)
         except Exception:
@@ -151,6 +153,11 @@ async def _reaper(hub: BgTasks, running: Running) -> None:
             running.wakeups.runs_added(ANY_TASK)
             running.wakeups.run_changed()
         await anyio.sleep(hub.reaper_seconds)
+
+
+def _mark_lost(running: Running, workers: set[str]) -> None:
+    for worker_id in workers:
+        running.wakeups.worker_lost(worker_id)
 
 
 async def _watcher(running: Running) -> None:
@@ -242,6 +249,12 @@ async def _deliveries(
                     slots=slots,
                     lease_seconds=hub.lease_seconds,
                 )
+                if unsent and worker_id in wakeups.lost_workers:
+                    # Reaped meanwhile: hand back what this claim took, now.
+                    taken, unsent = unsent, []
+                    await store.release_unsent([(r["id"], r["lease_token"]) for r in taken])
+                    wakeups.runs_added(None)
+                    break
                 if unsent:
                     yield _runs_event(unsent)
                     unsent = []

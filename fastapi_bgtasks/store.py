@@ -1013,7 +1013,9 @@ class Store:
         """(run id, new state) of each run taken back from its worker."""
         return [(run_id, state) for run_id, state, _ in await self.reap_expired_runs()]
 
-    async def reap_expired_runs(self) -> list[tuple[uuid.UUID, str, str | None]]:
+    async def reap_expired_runs(
+        self, on_lost: Callable[[set[str]], None] | None = None
+    ) -> list[tuple[uuid.UUID, str, str | None]]:
         """Runs whose lease expired go back to SCHEDULED without spending a
         retry, or end CRASHED once their rescues are spent. A conditional
         update: harmless when several app processes run it at once. Returns
@@ -1061,6 +1063,10 @@ class Store:
             workers = {r.id: r.worker_id for r in await conn.execute(lost_by)}
             if not workers:
                 return []
+            if on_lost is not None:
+                # Before the runs become claimable again: a feed of a lost
+                # worker checks this mark after each claim.
+                on_lost({w for w in workers.values() if w is not None})
             return [(r.id, r.state, workers.get(r.id)) for r in await conn.execute(statement)]
 
     # -- cross-process wake-ups -------------------------------------------
