@@ -257,16 +257,14 @@ def _row(row: Any) -> dict[str, Any]:
     return data
 
 
-def _json_size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":")))
-
-
-def _encodable(value: Any) -> bool:
+def _stored_size(value: Any) -> int | None:
+    """UTF-8 bytes of a value as stored JSON, or None if JSON cannot carry it
+    (NaN, an infinity, a lone surrogate): one serialisation per report."""
     try:
-        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
-    except ValueError:  # incl. UnicodeEncodeError (a lone surrogate)
-        return False
-    return True
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return len(text.encode())
+    except ValueError:  # incl. UnicodeEncodeError
+        return None
 
 
 def _clean_text(value: str) -> str:
@@ -841,7 +839,8 @@ class Store:
         if error is not None:
             # Plain text only, valid UTF-8, whatever the worker sent.
             error = {k: _clean_text(v) if isinstance(v, str) else v for k, v in error.items()}
-        if state == "COMPLETED" and not _encodable(result):
+        size = _stored_size(result) if state == "COMPLETED" else 0
+        if size is None:
             state, result = "FAILED", None
             error = {
                 "type": "NotSerializable",
@@ -849,7 +848,7 @@ class Store:
                 "Unicode, which JSON cannot carry.",
                 "traceback": None,
             }
-        if state == "COMPLETED" and _json_size(result) > max_result_bytes:
+        elif size > max_result_bytes:
             state, result = "FAILED", None
             error = {
                 "type": "ResultTooLarge",
