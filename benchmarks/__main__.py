@@ -115,7 +115,19 @@ async def _drain_window(url: str, n: int, timeout: float) -> float:
         await store.close()
 
 
-def w1(backend: str, n: int) -> dict[str, Any]:
+_PY_SPY = str(Path(sys.executable).parent / "py-spy")
+
+
+def _spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy on a running process until it exits (collapsed stacks, idle frames dropped)."""
+    return subprocess.Popen(
+        [_PY_SPY, "record", "--pid", str(pid), "-r", "200", "-f", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def w1(backend: str, n: int, profile: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         db = Database(backend, directory)
@@ -142,6 +154,7 @@ def w1(backend: str, n: int) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
         )
         worker = None
+        spies: list[subprocess.Popen[bytes]] = []
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -172,8 +185,20 @@ def w1(backend: str, n: int) -> dict[str, Any]:
                 stderr=subprocess.STDOUT,
             )
             time.sleep(1.0)  # let the worker connect and wait
+            submit_cmd = [sys.executable, "-c", SUBMITTER, str(n)]
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                spies = [
+                    _spy(app.pid, profile / f"w1-{backend}-app.txt"),
+                    _spy(worker.pid, profile / f"w1-{backend}-worker.txt"),
+                ]
+                time.sleep(1.0)
+                submit_cmd = [
+                    _PY_SPY, "record", "-r", "200", "-f", "raw",
+                    "-o", str(profile / f"w1-{backend}-submitter.txt"), "--", *submit_cmd,
+                ]  # fmt: skip
             out = subprocess.run(
-                [sys.executable, "-c", SUBMITTER, str(n)],
+                submit_cmd,
                 env=env,
                 cwd=ROOT,
                 capture_output=True,
@@ -181,7 +206,11 @@ def w1(backend: str, n: int) -> dict[str, Any]:
                 timeout=600,
                 check=True,
             )
-            submit_seconds = json.loads(out.stdout.strip().splitlines()[-1])["submit_seconds"]
+            submit_seconds = next(
+                json.loads(line)["submit_seconds"]
+                for line in out.stdout.splitlines()
+                if line.startswith('{"submit_seconds"')
+            )
             drain = anyio.run(_drain_window, db.url, n, 600.0)
             return {
                 "workload": "W1",
@@ -198,6 +227,8 @@ def w1(backend: str, n: int) -> dict[str, Any]:
                         proc.wait(20)
                     except subprocess.TimeoutExpired:
                         proc.kill()
+            for spy in spies:
+                spy.wait(30)
             logs.close()
             db.drop()
 
@@ -208,11 +239,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument(
+        "--profile", type=Path, help="record py-spy profiles of each process into this folder"
+    )
     args = parser.parse_args()
     n, repeat = (100, 1) if args.quick else (args.runs, args.repeat)
     rows = []
     for backend in args.backends.split(","):
-        samples = [w1(backend, n) for _ in range(repeat)]
+        samples = [w1(backend, n, args.profile) for _ in range(repeat)]
         rows.append(
             {
                 "workload": "W1",
