@@ -244,6 +244,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _row(row: Any) -> dict[str, Any]:
     data = dict(row._mapping)
+    data.pop("notified", None)
     for key in (
         "created_at",
         "scheduled_at",
@@ -529,9 +530,14 @@ class Store:
         countdown: float | None,
         eta: datetime | None,
         idempotency_key: str | None,
+        notify: bool = False,
     ) -> tuple[dict[str, Any], bool]:
         """One statement. Returns (row, created); a repeated idempotency key
-        returns the stored row, or raises IdempotencyConflict on other arguments."""
+        returns the stored row, or raises IdempotencyConflict on other arguments.
+
+        `notify` (PostgreSQL): the same statement NOTIFYs other processes,
+        for submitters with no lifespan to coalesce notifications: one round
+        trip, delivered when the insert commits."""
         params: dict[str, Any] = {
             "id": uuid.uuid4(),
             "task": task,
@@ -551,7 +557,9 @@ class Store:
             now = datetime.now(UTC)
             params["now"] = now
             params["scheduled"] = params["eta"] or now + timedelta(seconds=countdown or 0)
-        insert = self._insert_statement(idempotent=idempotency_key is not None)
+        insert = self._insert_statement(
+            idempotent=idempotency_key is not None, notify=notify and self.is_pg
+        )
         async with self._one() as conn:
             row = (await conn.execute(insert, params)).first()
         if row is not None:
@@ -568,9 +576,9 @@ class Store:
             raise StoreUnavailable("The run for this idempotency key changed; try again.")
         return _row(row), False
 
-    def _insert_statement(self, *, idempotent: bool) -> Any:
+    def _insert_statement(self, *, idempotent: bool, notify: bool = False) -> Any:
         """Built once per store: a submit only binds parameters (the hot path)."""
-        key = "insert_idempotent" if idempotent else "insert"
+        key = f"insert:{idempotent}:{notify}"
         statement = self._statements.get(key)
         if statement is not None:
             return statement
@@ -603,7 +611,12 @@ class Store:
                 index_elements=[runs.c.task, runs.c.idempotency_key],
                 index_where=runs.c.idempotency_key.isnot(None),
             )
-        statement = self._statements[key] = insert.returning(*runs.c)
+        statement = insert.returning(*runs.c)
+        if notify:
+            inserted = statement.cte("inserted")
+            notified = sa.func.pg_notify(NOTIFY_CHANNEL, inserted.c.task).label("notified")
+            statement = sa.select(*inserted.c, notified)
+        self._statements[key] = statement
         return statement
 
     # -- ⑥ status ---------------------------------------------------------

@@ -153,20 +153,16 @@ class StoreRoute:
             countdown=countdown,
             eta=eta,
             idempotency_key=idempotency_key,
+            # No lifespan here to coalesce NOTIFYs: the insert sends its own.
+            notify=self.wakeups is None,
         )
         if not created and (row["args"] != args or row["kwargs"] != kwargs):
             raise IdempotencyConflict(
                 f"Idempotency key {idempotency_key!r} was used for run {row['id']} of "
                 f"{task.name!r} with other arguments."
             )
-        if created:
-            if self.wakeups is not None:
-                self.wakeups.runs_added(task.name)
-            else:
-                try:
-                    await store.notify([task.name])
-                except StoreUnavailable:
-                    pass  # the run is committed; feeds find it at their next poll
+        if created and self.wakeups is not None:
+            self.wakeups.runs_added(task.name)
         return document_from_row(row), created
 
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:
