@@ -190,7 +190,7 @@ async def _notifier(running: Running) -> None:
             await anyio.sleep(0.5)
 
 
-def _runs_event(rows: list[dict[str, Any]]) -> Any:
+def _runs_event(rows: list[dict[str, Any]], leased_at: float | None = None) -> Any:
     deliveries = [
         Delivery(
             id=r["id"],
@@ -200,6 +200,7 @@ def _runs_event(rows: list[dict[str, Any]]) -> Any:
             args=r["args"],
             kwargs=r["kwargs"],
             timeout_seconds=r["timeout_seconds"],
+            leased_at=leased_at,
         ).model_dump(mode="json")
         for r in rows
     ]
@@ -223,6 +224,7 @@ async def _deliveries(
         report_interval=hub.report_interval,
         max_body_bytes=hub.worker_body_bytes,
         max_result_bytes=hub.max_result_bytes,
+        clock=time.monotonic(),
     )
     wakeups.lost_workers.discard(worker_id)  # it is back: serve it again
     yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
@@ -243,6 +245,8 @@ async def _deliveries(
                 running.closing,
             ]
             try:
+                # Stamped before the claim: the lease cannot be older than this.
+                leased_at = time.monotonic()
                 unsent = await store.claim(
                     worker_id=worker_id,
                     tasks=tasks,
@@ -256,7 +260,7 @@ async def _deliveries(
                     wakeups.runs_added(None)
                     break
                 if unsent:
-                    yield _runs_event(unsent)
+                    yield _runs_event(unsent, leased_at)
                     unsent = []
                     continue
                 timeout = min(hub.poll_seconds, deadline - time.monotonic())

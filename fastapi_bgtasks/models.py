@@ -189,10 +189,19 @@ class Hello(BaseModel):
     report_interval: float
     max_body_bytes: int = 1024 * 1024
     max_result_bytes: int = 1024 * 1024
+    # The app process's monotonic clock when it wrote this hello; deliveries
+    # on the same feed are stamped by the same clock (see Delivery.leased_at).
+    clock: float | None = None
 
 
 class Delivery(BaseModel):
-    """One run leased to a worker, as sent on its feed."""
+    """One run leased to a worker, as sent on its feed.
+
+    `leased_at` is the app's monotonic clock just before the claim, on the
+    clock of the feed's hello: with the moment it asked for the feed, a
+    worker bounds a delivery's age from above without trusting any clock but
+    its own, and starts a provably fresh run without a round trip.
+    """
 
     id: uuid.UUID
     task: str
@@ -201,6 +210,7 @@ class Delivery(BaseModel):
     args: list[Any]
     kwargs: dict[str, Any]
     timeout_seconds: float | None = None
+    leased_at: float | None = None
 
 
 ReportState = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "RELEASED"]

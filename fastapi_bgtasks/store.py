@@ -268,6 +268,18 @@ def _stored_size(value: Any) -> int | None:
         return None
 
 
+def _stored_text(value: Any) -> str | None:
+    """A result as the JSON text to store, or None if JSON cannot carry it
+    (NaN, an infinity, a lone surrogate): the one serialisation of a report."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode()
+    except ValueError:  # incl. UnicodeEncodeError
+        return None
+    # PostgreSQL text cannot hold NUL; JSON's escape of it can.
+    return text if "\x00" not in text else json.dumps(value, separators=(",", ":"))
+
+
 def _clean_text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
@@ -830,15 +842,111 @@ class Store:
     async def apply_reports(
         self, reports: Sequence[Report], *, max_result_bytes: int
     ) -> list[tuple[str, dict[str, Any] | None]]:
-        """Apply a worker's batch in one transaction; one outcome per report."""
+        """Apply a worker's batch; one outcome per report.
+
+        The common reports (RUNNING, and COMPLETED with a result that fits)
+        are applied one statement per kind, however many there are; the rest
+        one by one. Kinds go in lifecycle order (RUNNING first), so a run's
+        RUNNING and COMPLETED in one batch both land.
+        """
         outcomes: list[tuple[str, dict[str, Any] | None]] = [("unknown", None)] * len(reports)
         # Rows are locked in id order, as heartbeats lock them, so a batch and
         # a heartbeat of one worker never deadlock.
         order = sorted(range(len(reports)), key=lambda i: reports[i].run_id)
-        async with self._write() as conn:
-            for i in order:
+        bulk: dict[str, list[int]] = {"RUNNING": [], "COMPLETED": []}
+        texts: dict[int, str | None] = {}
+        seen: set[tuple[str, uuid.UUID]] = set()
+        rest: list[int] = []
+        for i in order:
+            report = reports[i]
+            key = (report.state, report.run_id)
+            if report.state not in bulk or key in seen:
+                rest.append(i)
+                continue
+            if report.state == "COMPLETED":
+                text = _stored_text(report.result)
+                if text is None or len(text.encode()) > max_result_bytes:
+                    rest.append(i)  # refused one by one, with the reason stored
+                    continue
+                texts[i] = None if text == "null" else text  # SQL NULL, as one by one
+            seen.add(key)
+            bulk[report.state].append(i)
+        statements = sum(1 for group in bulk.values() if group) + len(rest)
+        # A single statement needs no transaction around it (one round trip).
+        session = self._one() if statements == 1 else self._write()
+        async with session as conn:
+            for state, group in bulk.items():
+                if not group:
+                    continue
+                accepted = await self._apply_bulk(
+                    conn, state, [reports[i] for i in group], [texts.get(i) for i in group]
+                )
+                for i in group:
+                    report = reports[i]
+                    if report.run_id in accepted:
+                        outcomes[i] = ("accepted", {"id": report.run_id, "state": state})
+                    else:
+                        outcomes[i] = (await self._classify(conn, report, report.result), None)
+            for i in rest:
                 outcomes[i] = await self._apply(conn, reports[i], max_result_bytes)
         return outcomes
+
+    async def _apply_bulk(
+        self,
+        conn: AsyncConnection,
+        state: str,
+        reports: Sequence[Report],
+        results: Sequence[str | None],
+    ) -> set[uuid.UUID]:
+        """RUNNING or COMPLETED reports of distinct runs in one statement;
+        returns the runs it changed (the others are classified by the caller)."""
+        if state == "RUNNING":
+            sets = "state = 'RUNNING', started_at = :now, updated_at = :now"
+            allowed = "('PENDING')"
+        else:
+            sets = (
+                "state = 'COMPLETED', result = {result}, error = NULL, "
+                "started_at = coalesce(r.started_at, :now), finished_at = :now, "
+                "lease_expires_at = NULL, updated_at = :now, reason = NULL"
+            )
+            allowed = "('PENDING', 'RUNNING')"
+        if self.is_pg:
+            sql = f"""
+                UPDATE bgtasks_runs AS r SET {sets.format(result="CAST(v.result AS json)")}
+                FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]),
+                            CAST(:results AS text[])) AS v(id, token, result)
+                WHERE r.id = v.id AND r.lease_token = v.token AND r.state IN {allowed}
+                  AND r.id IN (SELECT id FROM bgtasks_runs WHERE id = ANY(CAST(:ids AS uuid[]))
+                               ORDER BY id FOR UPDATE)
+                RETURNING r.id
+            """.replace(":now", "now()")
+            params: dict[str, Any] = {
+                "ids": [r.run_id for r in reports],
+                "tokens": [r.lease_token for r in reports],
+                "results": list(results),
+            }
+            statement = sa.text(sql).columns(sa.column("id", sa.Uuid))
+        else:
+            sql = f"""
+                UPDATE bgtasks_runs AS r SET {sets.format(result="v.result")}
+                FROM (SELECT json_extract(value, '$[0]') AS id,
+                             json_extract(value, '$[1]') AS token,
+                             json_extract(value, '$[2]') AS result
+                      FROM json_each(:batch)) AS v
+                WHERE r.id = v.id AND r.lease_token = v.token AND r.state IN {allowed}
+                RETURNING id
+            """
+            batch = [
+                [r.run_id.hex, r.lease_token, text]
+                for r, text in zip(reports, results, strict=True)
+            ]
+            params = {"batch": json.dumps(batch), "now": datetime.now(UTC)}
+            statement = (
+                sa.text(sql)
+                .bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
+                .columns(sa.column("id", sa.Uuid))
+            )
+        return {row.id for row in await conn.execute(statement, params)}
 
     async def _apply(
         self, conn: AsyncConnection, report: Report, max_result_bytes: int

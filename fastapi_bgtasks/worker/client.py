@@ -6,6 +6,7 @@ credentials.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +35,7 @@ class WorkerClient:
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         )
         self.request_timeout = timeout
+        self.feed_asked_at = time.monotonic()
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -45,6 +47,9 @@ class WorkerClient:
         """
         # The server pings every 5 s: 20 s of silence means a dead link.
         timeout = httpx.Timeout(10.0, read=20.0)
+        # Before asking: the hello is written later by the app's clock, so
+        # hello.clock - asked_at bounds the clocks' offset from above.
+        self.feed_asked_at = time.monotonic()
         async with aconnect_sse(
             self.http,
             "GET",

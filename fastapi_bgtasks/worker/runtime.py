@@ -95,6 +95,7 @@ class Held:
     delivery: Delivery
     context: RunContext
     last_renewed: float
+    fresh: bool = False  # provably leased moments ago: start without confirming
     started: bool = False
     finished: bool = False
     stop_reason: str | None = None  # "cancel", "timeout", "lost", "shutdown"
@@ -151,6 +152,9 @@ class Worker:
         self._connected_once = False
         self._finished = anyio.Event()  # replaced each time a run finishes
         self._hello_received = anyio.Event()
+        # Upper bound of (the feed's app clock - our monotonic clock); None
+        # until a hello carries the app's clock.
+        self._clock_offset: float | None = None
         self._urgent = anyio.Event()
         self._batch_cap = MAX_BATCH
         self.max_body_bytes = 1024 * 1024
@@ -284,6 +288,12 @@ class Worker:
         self.report_interval = hello.report_interval
         self.max_body_bytes = hello.max_body_bytes
         self.max_result_bytes = min(self.config.max_result_bytes, hello.max_result_bytes)
+        assert self.client is not None
+        # The hello was written after we asked for the feed, so this offset
+        # is never too small: ages computed with it are never too young.
+        self._clock_offset = (
+            hello.clock - self.client.feed_asked_at if hello.clock is not None else None
+        )
         self._hello_received.set()
         if not self._connected_once:
             self._connected_once = True
@@ -312,13 +322,29 @@ class Worker:
                 if held.started:
                     self._enqueue(_report(delivery, "RUNNING"), self._on_running_outcome(held))
             return  # otherwise: re-sent after a reconnect, already ours
+        now = time.monotonic()
         held = Held(
             delivery=delivery,
             context=RunContext(str(delivery.id), delivery.task, delivery.attempt),
-            last_renewed=time.monotonic(),
+            last_renewed=now,
         )
+        leased = self._leased_locally(delivery)
+        if leased is not None and now - leased < self.lease_seconds / 4:
+            # The lease is at most a quarter old: it cannot have expired, nor
+            # the run gone to a successor, so it may start before the app
+            # answers its RUNNING report. Fencing counts from the lease's
+            # start, not from now.
+            held.fresh = True
+            held.last_renewed = leased
         self.held[delivery.id] = held
         runs.start_soon(self._execute, held, name=f"run {delivery.id}")
+
+    def _leased_locally(self, delivery: Delivery) -> float | None:
+        """The earliest moment, on our clock, the delivery's lease can have
+        started; None when unknown (a re-sent delivery, an older app)."""
+        if delivery.leased_at is None or self._clock_offset is None:
+            return None
+        return delivery.leased_at - self._clock_offset
 
     # -- running one run -------------------------------------------------
 
@@ -339,7 +365,10 @@ class Worker:
             return
         try:
             held.started = True
-            if not await self._confirm_start(held):
+            if held.fresh and held.stop_reason is None:
+                # Reported in the next batch; a refusal stops the run.
+                self._enqueue(_report(held.delivery, "RUNNING"), self._on_running_outcome(held))
+            elif not await self._confirm_start(held):
                 self._mark_finished(held)
                 return
             log.info("Received task run: %s - %s", d.id, d.task)
@@ -356,8 +385,9 @@ class Worker:
 
     async def _confirm_start(self, held: Held) -> bool:
         """Report RUNNING and wait for the app to accept it before calling the
-        task: a delivery that sat in a half-open link while its lease expired
-        is refused here, so it never runs beside its successor."""
+        task: a delivery that may have sat in a half-open link while its lease
+        expired is refused here, so it never runs beside its successor. Fresh
+        deliveries skip this (see _receive)."""
         confirmed = anyio.Event()
         outcome: list[str] = []
         check = self._on_running_outcome(held)

@@ -799,7 +799,7 @@ def test_r1_a_heartbeat_racing_a_report_batch_never_fails(cluster: Cluster) -> N
                         watcher.fetchval,
                         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                         " AND wait_event_type = 'Lock' AND query LIKE $1",
-                        f"UPDATE bgtasks_runs SET {statement}%",
+                        f"%UPDATE bgtasks_runs%SET {statement}%",
                     )
                 )
 
