@@ -1,276 +1,281 @@
-"""Throughput of the whole path, on SQLite and PostgreSQL.
+"""The benchmark suite, on SQLite and PostgreSQL.
 
-    python -m benchmarks [--quick] [--runs N] [--repeat K] [--backends sqlite,postgres]
+    python -m benchmarks [--quick] [--workloads W1,W2,...] [--backends sqlite,postgres]
+                         [--runs N] [--repeat K] [--table-sizes 1000,100000,...]
+                         [--http-client raw|httpx] [--profile DIR] [--output FILE]
 
-W1: N no-op runs submitted one by one by a separate process (straight to the
-store, as a script would) while one worker waits; reports the submit rate and
-the drain rate (first submit to last COMPLETED, from the stored times).
-Prints a table and writes benchmarks/results/latest.json. Asserts nothing
-about speed: the quick mode only proves the harness still runs.
+Workloads (default: all), each run on each backend, median of --repeat (3):
+
+- W1   N no-op runs (--runs, 1,000) submitted one by one by a script while one
+       worker waits: submit/s and drain/s (first created_at to last finished_at).
+- W2   W1 with two workers.
+- W1c  W1 with the N submits made by 50 coroutines on one event loop.
+- W3   pickup latency (submit to task body start) at 10 submits/s for 20 s.
+- W5   what `await submit.delay(noop)` adds to a route: /submit against /baseline,
+       2,000 requests each at concurrency 10, client-side p50/p99 and requests/s.
+- W6   `item.map(range(10_000))` from a script, drained by two workers
+       (skipped while the library has no Task.map).
+- W7   submit and claim p50 with 1k, 100k and 1M runs already stored.
+- MEM  the app's RSS with the plugin against a bare FastAPI app
+       (the worker's RSS, idle and after its runs, is in W1's table).
+- RAW  raw asyncpg / sqlite3 loops into the same table: the floor.
+
+Prints a table per workload and writes benchmarks/results/latest.json
+(--quick: quick.json) with every sample and the machine. Asserts nothing
+about speed: --quick runs everything once at tiny sizes to prove the
+harness runs (CI). --profile records py-spy profiles of the app, the
+workers and the submitter of W1, W2, W1c and W6 into DIR.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import socket
-import statistics
-import subprocess
+import dataclasses
 import sys
-import tempfile
 import time
-import uuid
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-import httpx
+from benchmarks import growth, raw, workloads
+from benchmarks.harness import QUICK, ROOT, Context, Sizes, machine_info, medians
+from benchmarks.report import Column, table, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("BGTASKS_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-SUBMITTER = """
-import json, sys, time, anyio
-from benchmarks.benchapp import noop
-
-async def main(n):
-    started = time.perf_counter()
-    for _ in range(n):
-        await noop.delay()
-    print(json.dumps({"submit_seconds": time.perf_counter() - started}))
-
-anyio.run(main, int(sys.argv[1]))
-"""
+BACKENDS = ("sqlite", "postgres")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    run: Callable[[str, Context], dict[str, Any]]
+    columns: Callable[[Sizes], list[Column]]
 
 
-async def _pg_admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-class Database:
-    def __init__(self, backend: str, directory: Path) -> None:
-        self.backend = backend
-        if backend == "sqlite":
-            self.url = f"sqlite+aiosqlite:///{directory}/bench.db"
-            self.name = None
-        else:
-            self.name = f"bgt_bench_{uuid.uuid4().hex[:12]}"
-            anyio.run(_pg_admin, f'CREATE DATABASE "{self.name}"')
-            base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-            self.url = f"{base}/{self.name}"
-
-    def drop(self) -> None:
-        if self.name:
-            anyio.run(_pg_admin, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+def _throughput_columns(_sizes: Sizes) -> list[Column]:
+    return [
+        Column("runs", "runs"),
+        Column("submit_per_s", "submit/s"),
+        Column("drain_per_s", "drain/s"),
+        Column("worker_rss_idle_mb", "worker MB idle", ".1f"),
+        Column("worker_rss_after_mb", "worker MB after", ".1f"),
+        Column("app_rss_after_mb", "app MB after", ".1f"),
+    ]
 
 
-async def _drain_window(url: str, n: int, timeout: float) -> float:
-    """Seconds from the first run created to the last finished, once all are done."""
-    import sqlalchemy as sa
-
-    from fastapi_bgtasks.store import Store, runs
-
-    store = Store(url)
-    await store.open()
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            async with store._read() as conn:
-                done = await conn.scalar(
-                    sa.select(sa.func.count()).where(runs.c.state == "COMPLETED")
-                )
-                if done == n:
-                    row = (
-                        await conn.execute(
-                            sa.select(
-                                sa.func.min(runs.c.created_at), sa.func.max(runs.c.finished_at)
-                            )
-                        )
-                    ).first()
-                    assert row is not None
-                    first, last = row
-                    if isinstance(first, str):
-                        from datetime import datetime
-
-                        first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
-                    return float((last - first).total_seconds())
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {done} of {n} runs completed within {timeout}s")
-            await anyio.sleep(0.05)
-    finally:
-        await store.close()
+def _map_columns(_sizes: Sizes) -> list[Column]:
+    return [
+        Column("runs", "runs"),
+        Column("submit_per_s", "map runs/s"),
+        Column("drain_per_s", "drain/s"),
+    ]
 
 
-_PY_SPY = str(Path(sys.executable).parent / "py-spy")
+def _pickup_columns(_sizes: Sizes) -> list[Column]:
+    return [
+        Column("runs", "runs"),
+        Column("p50_ms", "p50 ms", ".1f"),
+        Column("p95_ms", "p95 ms", ".1f"),
+        Column("p99_ms", "p99 ms", ".1f"),
+        Column("max_ms", "max ms", ".1f"),
+        Column("behind_max_ms", "pacer late ms", ".1f"),
+    ]
 
 
-def _spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy on a running process until it exits (collapsed stacks, idle frames dropped)."""
-    return subprocess.Popen(
-        [_PY_SPY, "record", "--pid", str(pid), "-r", "200", "-f", "raw", "-o", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def _route_columns(_sizes: Sizes) -> list[Column]:
+    return [
+        Column("baseline_p50_ms", "baseline p50", ".2f"),
+        Column("baseline_p99_ms", "baseline p99", ".2f"),
+        Column("baseline_per_s", "baseline req/s"),
+        Column("submit_p50_ms", "submit p50", ".2f"),
+        Column("submit_p99_ms", "submit p99", ".2f"),
+        Column("submit_per_s", "submit req/s"),
+        Column("delay_adds_ms", "delay adds ms", ".2f"),
+        Column("delay_costs_ms", "server ms/delay", ".2f"),
+    ]
+
+
+def _growth_columns(sizes: Sizes) -> list[Column]:
+    labels = [growth.label(s) for s in sorted(sizes.table_sizes)]
+    high = labels[-1] + "/" + labels[0]
+    return (
+        [Column(f"submit_p50_ms_{t}", f"submit ms {t}", ".2f") for t in labels]
+        + [Column("submit_ratio", f"submit {high}", ".2f")]
+        + [Column(f"claim_p50_ms_{t}", f"claim ms {t}", ".2f") for t in labels]
+        + [Column("claim_ratio", f"claim {high}", ".2f")]
+        + [Column(f"fill_s_{t}", f"fill s {t}", ".1f") for t in labels]
     )
 
 
-def w1(backend: str, n: int, profile: Path | None = None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        db = Database(backend, directory)
-        env = dict(os.environ, BGTASKS_DATABASE_URL=db.url, PYTHONPATH=str(ROOT))
-        env.pop("BGTASKS_URL", None)
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        logs = open(directory / "procs.log", "wb")
-        app = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.benchapp:app",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=logs,
-            stderr=subprocess.STDOUT,
-        )
-        worker = None
-        spies: list[subprocess.Popen[bytes]] = []
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{base}/tasks/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or app.poll() is not None:
-                    raise RuntimeError("benchmark app did not start")
-                time.sleep(0.05)
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fastapi_bgtasks.worker",
-                    "benchmarks.benchapp",
-                    "--url",
-                    f"{base}/tasks",
-                    "--concurrency",
-                    "10",
-                    "--log-level",
-                    "WARNING",
-                ],
-                env={k: v for k, v in env.items() if k != "BGTASKS_DATABASE_URL"},
-                cwd=ROOT,
-                stdout=logs,
-                stderr=subprocess.STDOUT,
-            )
-            time.sleep(1.0)  # let the worker connect and wait
-            submit_cmd = [sys.executable, "-c", SUBMITTER, str(n)]
-            if profile is not None:
-                profile.mkdir(parents=True, exist_ok=True)
-                spies = [
-                    _spy(app.pid, profile / f"w1-{backend}-app.txt"),
-                    _spy(worker.pid, profile / f"w1-{backend}-worker.txt"),
-                ]
-                time.sleep(1.0)
-                submit_cmd = [
-                    _PY_SPY, "record", "-r", "200", "-f", "raw",
-                    "-o", str(profile / f"w1-{backend}-submitter.txt"), "--", *submit_cmd,
-                ]  # fmt: skip
-            out = subprocess.run(
-                submit_cmd,
-                env=env,
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=True,
-            )
-            submit_seconds = next(
-                json.loads(line)["submit_seconds"]
-                for line in out.stdout.splitlines()
-                if line.startswith('{"submit_seconds"')
-            )
-            drain = anyio.run(_drain_window, db.url, n, 600.0)
-            return {
-                "workload": "W1",
-                "backend": backend,
-                "runs": n,
-                "submit_per_s": n / submit_seconds,
-                "drain_per_s": n / drain,
-            }
-        finally:
-            for proc in (worker, app):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-            for spy in spies:
-                spy.wait(30)
-            logs.close()
-            db.drop()
+def _memory_columns(_sizes: Sizes) -> list[Column]:
+    return [
+        Column("bare_start_mb", "bare MB start", ".1f"),
+        Column("bare_after_mb", "bare MB after", ".1f"),
+        Column("app_start_mb", "app MB start", ".1f"),
+        Column("app_after_mb", "app MB after", ".1f"),
+        Column("plugin_adds_mb", "plugin adds MB", ".1f"),
+    ]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("--quick", action="store_true", help="100 runs, once: proves it runs")
-    parser.add_argument("--runs", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backends", default="sqlite,postgres")
+def _raw_columns(_sizes: Sizes) -> list[Column]:
+    return [
+        Column("rows", "rows"),
+        Column("insert_per_s", "insert/s"),
+        Column("batch100_rows_per_s", "batch100 rows/s"),
+        Column("claims_per_s", "claims/s"),
+        Column("insert_default_journal_per_s", "insert/s default journal"),
+    ]
+
+
+WORKLOADS = {
+    w.name: w
+    for w in [
+        Workload("W1", "W1: sequential submits, one worker", workloads.w1, _throughput_columns),
+        Workload("W2", "W2: sequential submits, two workers", workloads.w2, _throughput_columns),
+        Workload("W1c", "W1c: 50 concurrent submitters", workloads.w1c, _throughput_columns),
+        Workload("W3", "W3: pickup latency at a steady rate", workloads.w3, _pickup_columns),
+        Workload("W5", "W5: submit inside a route (client-side)", workloads.w5, _route_columns),
+        Workload("W6", "W6: bulk map, two workers", workloads.w6, _map_columns),
+        Workload("W7", "W7: cost as the table grows (p50)", growth.w7, _growth_columns),
+        Workload("MEM", "MEM: resident memory of the app", workloads.memory, _memory_columns),
+        Workload("RAW", "RAW: the drivers alone, same table", raw.raw, _raw_columns),
+    ]
+}  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, once each: proves the harness runs"
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)",
+    )
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--runs", type=int, help="runs of W1, W2, W1c (default 1000; quick 100)")
+    parser.add_argument("--repeat", type=int, help="repetitions per figure (default 3; quick 1)")
+    parser.add_argument(
+        "--table-sizes",
+        help="W7's table sizes, comma-separated (default 1000,100000,1000000; quick 1000,10000)",
+    )
+    parser.add_argument(
+        "--http-client", choices=["raw", "httpx"], help="W5's load generator (default raw)"
+    )
     parser.add_argument(
         "--profile", type=Path, help="record py-spy profiles of each process into this folder"
     )
-    args = parser.parse_args()
-    n, repeat = (100, 1) if args.quick else (args.runs, args.repeat)
-    rows = []
-    for backend in args.backends.split(","):
-        samples = [w1(backend, n, args.profile) for _ in range(repeat)]
-        rows.append(
-            {
-                "workload": "W1",
-                "backend": backend,
-                "runs": n,
-                "repeat": repeat,
-                "submit_per_s_median": statistics.median(s["submit_per_s"] for s in samples),
-                "drain_per_s_median": statistics.median(s["drain_per_s"] for s in samples),
-                "samples": samples,
-            }
-        )
-    header = f"{'workload':<9}{'backend':<10}{'runs':>6}{'submit/s':>12}{'drain/s':>12}"
-    print(f"{header}  (median of {repeat})")
-    for row in rows:
-        print(
-            f"{row['workload']:<9}{row['backend']:<10}{row['runs']:>6}"
-            f"{row['submit_per_s_median']:>12.0f}{row['drain_per_s_median']:>12.0f}"
-        )
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
-    (results / ("quick.json" if args.quick else "latest.json")).write_text(
-        json.dumps(rows, indent=2)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="where the JSON goes (default benchmarks/results/latest.json; quick: quick.json)",
     )
-    return 0
+    return parser
+
+
+def _selected(spec: str, known: Sequence[str], what: str) -> list[str]:
+    """Names from a comma-separated list, matched case-insensitively."""
+    by_lower = {k.lower(): k for k in known}
+    chosen = []
+    for name in (n.strip() for n in spec.split(",")):
+        if not name:
+            continue
+        if name.lower() not in by_lower:
+            raise SystemExit(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+        chosen.append(by_lower[name.lower()])
+    return chosen
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else Sizes()
+    if args.runs is not None:
+        sizes = dataclasses.replace(sizes, runs=args.runs)
+    if args.table_sizes:
+        table_sizes = tuple(sorted({int(s) for s in args.table_sizes.split(",") if s}))
+        sizes = dataclasses.replace(sizes, table_sizes=table_sizes)
+    if args.http_client is not None:
+        sizes = dataclasses.replace(sizes, http_client=args.http_client)
+    return sizes
+
+
+def measure(workload: Workload, backend: str, ctx: Context, repeat: int) -> dict[str, Any]:
+    """`repeat` repetitions of one workload on one backend, summarised; a
+    failure is recorded (with its traceback) instead of ending the suite."""
+    row: dict[str, Any] = {"workload": workload.name, "backend": backend, "repeat": repeat}
+    samples: list[dict[str, Any]] = []
+    for i in range(repeat):
+        print(f"  {workload.name} {backend} {i + 1}/{repeat} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            sample = workload.run(backend, ctx)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["traceback"] = traceback.format_exc()
+            break
+        if "skipped" in sample:
+            row["skipped"] = sample["skipped"]
+            break
+        samples.append({**sample, "seconds": time.monotonic() - started})
+    row["samples"] = samples
+    if samples and "error" not in row:
+        row["median"] = medians(samples)
+    return row
+
+
+def run_suite(
+    chosen: Sequence[str],
+    backends: Sequence[str],
+    ctx: Context,
+    *,
+    repeat: int,
+    quick: bool,
+    out: Path,
+) -> dict[str, Any]:
+    """Every chosen workload on every backend; a table printed as each
+    workload ends, and the JSON rewritten then, so a late failure keeps the rest."""
+    document: dict[str, Any] = {
+        "machine": machine_info(backends),
+        "settings": {
+            "quick": quick,
+            "repeat": repeat,
+            "backends": list(backends),
+            "workloads": list(chosen),
+            "sizes": dataclasses.asdict(ctx.sizes),
+        },
+        "results": [],
+    }
+    started = time.monotonic()
+    for name in chosen:
+        workload = WORKLOADS[name]
+        rows = [measure(workload, backend, ctx, repeat) for backend in backends]
+        document["results"].extend(rows)
+        print(table(f"{workload.title} (median of {repeat})", workload.columns(ctx.sizes), rows))
+        print(flush=True)
+        document["seconds"] = time.monotonic() - started
+        write_json(out, document)
+    return document
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    chosen = _selected(args.workloads, list(WORKLOADS), "workload")
+    backends = _selected(args.backends, BACKENDS, "backend")
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    ctx = Context(sizes=_sizes(args), profile=args.profile)
+    out = args.output or (
+        ROOT / "benchmarks" / "results" / ("quick.json" if args.quick else "latest.json")
+    )
+    document = run_suite(chosen, backends, ctx, repeat=repeat, quick=args.quick, out=out)
+    print(f"{document['seconds']:.0f} s; figures and samples in {out}")
+    failed = [row for row in document["results"] if "error" in row]
+    for row in failed:
+        print(f"\n{row['workload']} on {row['backend']} failed:\n{row['traceback']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
