@@ -262,7 +262,9 @@ async def _deliveries(
                 if unsent:
                     yield _runs_event(unsent, leased_at)
                     unsent = []
-                    continue
+                    # No second claim now: this one took every due run or
+                    # all the credit, and the events taken before it fire
+                    # for anything since (new runs, freed credit).
                 timeout = min(hub.poll_seconds, deadline - time.monotonic())
                 due = await store.next_due(tasks)
             except StoreUnavailable as exc:

@@ -172,8 +172,50 @@ async def _migration_1(conn: AsyncConnection, dialect: str) -> None:
         await conn.exec_driver_sql(ddl)
 
 
+# A claim on PostgreSQL in one round trip. The per-worker advisory lock must
+# be taken before the snapshot that counts the worker's credit, so it cannot
+# share a statement with the claim; inside a function each statement takes
+# a fresh snapshot (READ COMMITTED), so one call does both.
+_PG_CLAIM_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION bgtasks_claim(
+    p_worker text, p_tasks text[], p_slots integer, p_lease double precision, p_token text
+) RETURNS SETOF bgtasks_runs AS $$
+DECLARE
+    credit integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock({CLAIM_LOCK}, hashtext(p_worker));
+    SELECT p_slots - count(*) INTO credit FROM bgtasks_runs
+    WHERE worker_id = p_worker AND state IN ('PENDING', 'RUNNING');
+    IF credit <= 0 THEN
+        RETURN;
+    END IF;
+    -- = ANY(ARRAY(...)): the runs are looked up by id; an IN (subquery)
+    -- with a LIMIT the planner cannot see made it scan the whole table.
+    RETURN QUERY
+    UPDATE bgtasks_runs SET
+        state = 'PENDING', attempt = attempt + 1, worker_id = p_worker,
+        lease_token = p_token, lease_expires_at = now() + make_interval(secs => p_lease),
+        updated_at = now(), reason = NULL
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM bgtasks_runs
+        WHERE state = 'SCHEDULED' AND task = ANY(p_tasks) AND scheduled_at <= now()
+        ORDER BY priority DESC, scheduled_at
+        LIMIT credit
+        FOR UPDATE SKIP LOCKED))
+    RETURNING *;
+END
+$$ LANGUAGE plpgsql
+"""
+
+
+async def _migration_2(conn: AsyncConnection, dialect: str) -> None:
+    """PostgreSQL: the one-round-trip claim (SQLite claims in one statement)."""
+    if dialect == "postgresql":
+        await conn.exec_driver_sql(_PG_CLAIM_FUNCTION)
+
+
 # Forward-only: never edit a released migration, append a new one.
-MIGRATIONS: list[Callable[[AsyncConnection, str], Any]] = [_migration_1]
+MIGRATIONS: list[Callable[[AsyncConnection, str], Any]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # SQLAlchemy's and the drivers' ways of saying the database is not there.
@@ -728,49 +770,58 @@ class Store:
         in the same statement, so it holds across app processes. The attempt
         is counted here; the lease token fences every later report.
         """
-        held = (
-            sa.select(sa.func.count())
-            .select_from(runs)
-            .where(runs.c.worker_id == worker_id, _ACTIVE)
-            .scalar_subquery()
-        )
-        credit = (sa.func.greatest if self.is_pg else sa.func.max)(0, slots - held)
-        due = (
-            sa.select(runs.c.id)
-            .where(_SCHEDULED, runs.c.task.in_(list(tasks)), runs.c.scheduled_at <= self._now())
-            .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
-            .limit(credit)
-        )
-        if self.is_pg:
-            due = due.with_for_update(skip_locked=True)
-        now = self._now()
-        statement = (
-            runs.update()
-            .where(runs.c.id.in_(due.scalar_subquery()))
-            .values(
-                state=S.PENDING.value,
-                attempt=runs.c.attempt + 1,
-                worker_id=worker_id,
-                lease_token=uuid.uuid4().hex,
-                lease_expires_at=self._after(lease_seconds),
-                updated_at=now,
-                reason=None,
-            )
-            .returning(*self._DELIVERY)
-        )
         if self.is_pg:
             # Two claims for one worker (a reconnect overlapping its old
             # stream, perhaps on another app process) would each count the
-            # other's rows as free: serialise them on a per-worker lock, taken
-            # before the claim's snapshot.
-            async with self._write() as conn:
-                await conn.execute(
-                    sa.select(
-                        sa.func.pg_advisory_xact_lock(CLAIM_LOCK, sa.func.hashtext(worker_id))
-                    )
-                )
-                rows = [_row(r) for r in await conn.execute(statement)]
+            # other's rows as free: the function serialises them on a
+            # per-worker lock taken before the claim's snapshot.
+            statement: Any = self._statements.get("claim")
+            if statement is None:
+                claimed = sa.func.bgtasks_claim(
+                    sa.bindparam("worker", type_=sa.String),
+                    sa.bindparam("tasks", type_=postgresql.ARRAY(sa.String)),
+                    sa.bindparam("slots", type_=sa.Integer),
+                    sa.bindparam("lease", type_=sa.Float),
+                    sa.bindparam("token", type_=sa.String),
+                ).table_valued(*(sa.column(c.name, c.type) for c in self._DELIVERY))
+                statement = self._statements["claim"] = sa.select(*claimed.c)
+            params = {
+                "worker": worker_id,
+                "tasks": list(tasks),
+                "slots": slots,
+                "lease": lease_seconds,
+                "token": uuid.uuid4().hex,
+            }
+            async with self._one() as conn:
+                rows = [_row(r) for r in await conn.execute(statement, params)]
         else:
+            held = (
+                sa.select(sa.func.count())
+                .select_from(runs)
+                .where(runs.c.worker_id == worker_id, _ACTIVE)
+                .scalar_subquery()
+            )
+            due = (
+                sa.select(runs.c.id)
+                .where(_SCHEDULED, runs.c.task.in_(list(tasks)), runs.c.scheduled_at <= self._now())
+                .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
+                .limit(sa.func.max(0, slots - held))
+            )
+            now = self._now()
+            statement = (
+                runs.update()
+                .where(runs.c.id.in_(due.scalar_subquery()))
+                .values(
+                    state=S.PENDING.value,
+                    attempt=runs.c.attempt + 1,
+                    worker_id=worker_id,
+                    lease_token=uuid.uuid4().hex,
+                    lease_expires_at=self._after(lease_seconds),
+                    updated_at=now,
+                    reason=None,
+                )
+                .returning(*self._DELIVERY)
+            )
             async with self._one() as conn:
                 rows = [_row(r) for r in await conn.execute(statement)]
         rows.sort(key=lambda r: (-r["priority"], r["scheduled_at"]))
