@@ -232,7 +232,9 @@ class Bench:
             time.sleep(0.05)
         return server
 
-    def start_worker(self, server: Server, concurrency: int = 10) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, server: Server, concurrency: int = int(os.environ.get("BGTASKS_BENCH_CONCURRENCY", "10"))
+    ) -> subprocess.Popen[bytes]:
         """A worker process for benchapp's tasks; returns once it holds a
         connection to the app (its feed), plus a moment for the first claim."""
         env = {k: v for k, v in self.env.items() if k != "BGTASKS_DATABASE_URL"}

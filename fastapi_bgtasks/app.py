@@ -341,6 +341,19 @@ class BgTasks:
         )
         return TaskRun(document, self, task)
 
+    async def submit_many(
+        self, task: Task[Any, Any], calls: Sequence[tuple[Sequence[Any], dict[str, Any]]]
+    ) -> list[TaskRun]:
+        """Validate every call first, then store them all in one transaction
+        (or none): `task.map` and `submit.map`."""
+        if task.hub is not self:
+            raise ConfigurationError(f"{task!r} belongs to another hub")
+        dumped = [task.dump_arguments(args, kwargs) for args, kwargs in calls]
+        if not dumped:
+            return []
+        documents = await (await self.route()).submit_many(task, dumped)
+        return [TaskRun(document, self, task) for document in documents]
+
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:
         """A run's document through this loop's route (TaskRun's reader)."""
         return await (await self.route()).read_run(run_id)

@@ -15,14 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 __all__ = [
     "ACTIVE_STATES",
+    "MAX_MAP_CALLS",
     "TERMINAL_STATES",
     "TRANSITIONS",
+    "Call",
     "Delivery",
     "ErrorBody",
     "ErrorInfo",
     "HeartbeatRequest",
     "HeartbeatResponse",
     "Hello",
+    "MapRequest",
+    "MapResponse",
     "Report",
     "ReportBatch",
     "ReportOutcomes",
@@ -178,6 +182,27 @@ class SubmitRequest(_Wire):
     eta: datetime | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+
+
+class Call(_Wire):
+    """One run's arguments in a `POST /runs/batch`."""
+
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+MAX_MAP_CALLS = 10_000
+
+
+class MapRequest(_Wire):
+    """The body of `POST /runs/batch`: many runs of one task, stored together."""
+
+    task: str = Field(min_length=1, max_length=200)
+    calls: list[Call] = Field(min_length=1, max_length=MAX_MAP_CALLS)
+
+
+class MapResponse(BaseModel):
+    runs: list[RunDocument]
 
 
 class Hello(BaseModel):

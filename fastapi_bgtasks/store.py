@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,6 +44,7 @@ ACTIVE = [s.value for s in ACTIVE_STATES]
 NOTIFY_CHANNEL = "bgtasks_runs"
 LOCK_KEY = 0x6267_7461_736B  # "bgtask": the advisory lock migrations hold
 CLAIM_LOCK = 0x6267  # with hashtext(worker_id): one claim at a time per worker
+MAP_CHUNK = 5000  # runs per INSERT statement of a map (all in one transaction)
 
 metadata = sa.MetaData()
 
@@ -340,6 +342,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ValueError("cursor is not one this API returned") from exc
 
 
+@dataclass
+class _Submit:
+    """One submit waiting for its group commit."""
+
+    params: dict[str, Any]
+    notify: bool
+    row: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
 class Store:
     """The runs table and its statements, on one SQLAlchemy async engine
     (two on SQLite: one writer connection and a few readers)."""
@@ -372,6 +384,10 @@ class Store:
         self._writer: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._statements: dict[str, Any] = {}
+        # Group commit of concurrent submits (see _insert_batched).
+        self._submits: list[_Submit] = []
+        self._flushing = False
+        self._flushed: anyio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -611,9 +627,9 @@ class Store:
             now = datetime.now(UTC)
             params["now"] = now
             params["scheduled"] = params["eta"] or now + timedelta(seconds=countdown or 0)
-        insert = self._insert_statement(
-            idempotent=idempotency_key is not None, notify=notify and self.is_pg
-        )
+        if idempotency_key is None:
+            return await self._insert_batched(params, notify=notify and self.is_pg), True
+        insert = self._insert_statement(idempotent=True, notify=notify and self.is_pg)
         async with self._one() as conn:
             row = (await conn.execute(insert, params)).first()
         if row is not None:
@@ -629,6 +645,165 @@ class Store:
         if row is None:  # deleted between the two statements: vanishingly rare
             raise StoreUnavailable("The run for this idempotency key changed; try again.")
         return _row(row), False
+
+    async def insert_runs(
+        self,
+        *,
+        task: str,
+        calls: Sequence[tuple[list[Any], dict[str, Any]]],
+        max_attempts: int,
+        max_rescues: int,
+        retry_delays: list[float],
+        timeout_seconds: float | None,
+        notify: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Many runs of one task (a `map`), all or none: one transaction,
+        one statement per MAP_CHUNK runs, the varying part (id, arguments)
+        sent as a single JSON parameter so the statement never changes."""
+        if not calls:
+            return []
+        ids = [uuid.uuid4() for _ in calls]
+        common: dict[str, Any] = {
+            "task": task,
+            "max_attempts": max_attempts,
+            "max_rescues": max_rescues,
+            "retry_delays": json.dumps(retry_delays),
+            "timeout": timeout_seconds,
+        }
+        statement = self._insert_many_statement()
+        stamps: dict[uuid.UUID, Any] = {}
+        async with self._write() as conn:
+            for start in range(0, len(calls), MAP_CHUNK):
+                chunk = range(start, min(start + MAP_CHUNK, len(calls)))
+                batch = [[ids[i].hex if not self.is_pg else str(ids[i]), *calls[i]] for i in chunk]
+                params = {**common, "batch": json.dumps(batch, separators=(",", ":"))}
+                if not self.is_pg:
+                    params["now"] = datetime.now(UTC)
+                for row in await conn.execute(statement, params):
+                    stamps[row.id] = (_utc(row.created_at), _utc(row.scheduled_at))
+            if notify and self.is_pg:
+                await conn.execute(
+                    sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("task", task)))
+                )
+        rows = []
+        for run_id, (args, kwargs) in zip(ids, calls, strict=True):
+            created_at, scheduled_at = stamps[run_id]
+            rows.append(
+                {
+                    "id": run_id, "task": task, "state": S.SCHEDULED.value, "attempt": 0,
+                    "max_attempts": max_attempts, "rescues": 0, "max_rescues": max_rescues,
+                    "retry_delays": retry_delays, "timeout_seconds": timeout_seconds,
+                    "priority": 0, "args": args, "kwargs": kwargs, "result": None,
+                    "error": None, "created_at": created_at, "scheduled_at": scheduled_at,
+                    "started_at": None, "finished_at": None, "updated_at": created_at,
+                    "worker_id": None, "lease_token": None, "lease_expires_at": None,
+                    "idempotency_key": None, "cancel_requested": False, "reason": None,
+                }
+            )  # fmt: skip
+        return rows
+
+    def _insert_many_statement(self) -> Any:
+        statement = self._statements.get("insert_many")
+        if statement is not None:
+            return statement
+        columns = (
+            "id, task, state, attempt, max_attempts, rescues, max_rescues, retry_delays, "
+            "timeout_seconds, priority, args, kwargs, created_at, scheduled_at, updated_at, "
+            "cancel_requested"
+        )
+        if self.is_pg:
+            sql = f"""
+                INSERT INTO bgtasks_runs ({columns})
+                SELECT CAST(e->>0 AS uuid), CAST(:task AS text), 'SCHEDULED', 0,
+                       CAST(:max_attempts AS integer), 0, CAST(:max_rescues AS integer),
+                       CAST(:retry_delays AS json), CAST(:timeout AS double precision), 0,
+                       e->1, e->2, now(), now(), now(), false
+                FROM json_array_elements(CAST(:batch AS json)) AS e
+                RETURNING id, created_at, scheduled_at
+            """
+            text = sa.text(sql)
+        else:
+            sql = f"""
+                INSERT INTO bgtasks_runs ({columns})
+                SELECT json_extract(value, '$[0]'), :task, 'SCHEDULED', 0, :max_attempts, 0,
+                       :max_rescues, :retry_delays, :timeout, 0, json_extract(value, '$[1]'),
+                       json_extract(value, '$[2]'), :now, :now, :now, 0
+                FROM json_each(:batch)
+                RETURNING id, created_at, scheduled_at
+            """
+            text = sa.text(sql).bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
+        statement = self._statements["insert_many"] = text.columns(
+            sa.column("id", sa.Uuid),
+            sa.column("created_at", sa.DateTime(timezone=True)),
+            sa.column("scheduled_at", sa.DateTime(timezone=True)),
+        )
+        return statement
+
+    async def _insert_batched(self, params: dict[str, Any], *, notify: bool) -> dict[str, Any]:
+        """Group commit: submits that arrive while an insert is in flight
+        go together in the next one, a single multi-row statement. A lone
+        submit is one statement as before; fifty concurrent ones (a busy
+        app) cost a few statements instead of fifty."""
+        item = _Submit(params, notify)
+        self._submits.append(item)
+        while item.row is None and item.error is None:
+            if self._flushing:
+                if self._flushed is None:
+                    self._flushed = anyio.Event()
+                await self._flushed.wait()
+                continue
+            self._flushing = True
+            batch, self._submits = self._submits, []
+            try:
+                # Shielded: the batch holds other callers' runs, which must
+                # be stored (or refused) whatever happens to this caller.
+                with anyio.CancelScope(shield=True):
+                    await self._flush_submits(batch)
+            finally:
+                self._flushing = False
+                flushed, self._flushed = self._flushed, None
+                if flushed is not None:
+                    flushed.set()
+        if item.error is not None:
+            raise item.error
+        assert item.row is not None
+        return item.row
+
+    async def _flush_submits(self, batch: list[_Submit]) -> None:
+        if len(batch) == 1:
+            item = batch[0]
+            insert = self._insert_statement(idempotent=False, notify=item.notify)
+            try:
+                async with self._one() as conn:
+                    row = (await conn.execute(insert, item.params)).one()
+                item.row = _row(row)
+            except Exception as exc:
+                item.error = exc
+            return
+        try:
+            async with self._one() as conn:
+                result = await conn.execute(
+                    self._insert_statement(idempotent=False), [i.params for i in batch]
+                )
+                stored = {row.id: _row(row) for row in result}
+        except InvalidValue:
+            # One bad value fails the whole statement and nothing was
+            # stored: each submit alone, so only the bad one is refused.
+            for item in batch:
+                await self._flush_submits([item])
+            return
+        except Exception as exc:
+            for item in batch:
+                item.error = exc
+            return
+        for item in batch:
+            item.row = stored[item.params["id"]]
+        tasks = sorted({i.params["task"] for i in batch if i.notify})
+        if tasks:
+            try:
+                await self.notify(tasks)
+            except StoreUnavailable:
+                pass  # the runs are committed; feeds find them at their next poll
 
     def _insert_statement(self, *, idempotent: bool, notify: bool = False) -> Any:
         """Built once per store: a submit only binds parameters (the hot path)."""
@@ -926,6 +1101,15 @@ class Store:
         # A single statement needs no transaction around it (one round trip).
         session = self._one() if statements == 1 else self._write()
         async with session as conn:
+            if self.is_pg and statements > 1:
+                # Kinds are applied one after the other, each locking its
+                # rows: lock the whole batch first, in id order.
+                await conn.execute(
+                    sa.select(runs.c.id)
+                    .where(runs.c.id.in_(sorted({r.run_id for r in reports})))
+                    .order_by(runs.c.id)
+                    .with_for_update()
+                )
             for state, group in bulk.items():
                 if not group:
                     continue

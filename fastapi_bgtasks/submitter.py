@@ -8,7 +8,7 @@ caller and nothing is stored.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,7 +24,14 @@ from .errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from .models import ErrorBody, RunDocument, SubmitRequest, document_from_row
+from .models import (
+    ErrorBody,
+    MapRequest,
+    MapResponse,
+    RunDocument,
+    SubmitRequest,
+    document_from_row,
+)
 from .taskrun import TaskRun
 
 if TYPE_CHECKING:
@@ -69,6 +76,15 @@ class Submitter:
             priority=priority,
         )
 
+    async def map(
+        self, task: Task[Any, Any], /, *iterables: Iterable[Any], **static: Any
+    ) -> list[TaskRun]:
+        """Many runs of `task` at once, stored together or not at all (see `Task.map`)."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of arguments")
+        calls = [(args, static) for args in zip(*iterables, strict=True)]
+        return await self.hub.submit_many(task, calls)
+
 
 class Route(Protocol):
     """Where this process's submissions go and its run reads come from."""
@@ -84,6 +100,10 @@ class Route(Protocol):
         idempotency_key: str | None,
         priority: int,
     ) -> RunDocument: ...
+
+    async def submit_many(
+        self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
+    ) -> list[RunDocument]: ...
 
     async def read_run(self, run_id: uuid.UUID) -> RunDocument: ...
 
@@ -165,6 +185,23 @@ class StoreRoute:
             self.wakeups.runs_added(task.name)
         return document_from_row(row), created
 
+    async def submit_many(
+        self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
+    ) -> list[RunDocument]:
+        store = await self._ready()
+        rows = await store.insert_runs(
+            task=task.name,
+            calls=calls,
+            max_attempts=task.max_attempts,
+            max_rescues=task.max_rescues,
+            retry_delays=task.retry_delays,
+            timeout_seconds=task.options.timeout_seconds,
+            notify=self.wakeups is None,
+        )
+        if rows and self.wakeups is not None:
+            self.wakeups.runs_added(task.name)
+        return [document_from_row(row) for row in rows]
+
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:
         store = await self._ready()
         row = await store.get_run(run_id)
@@ -213,6 +250,13 @@ class HttpRoute:
             body["priority"] = priority
         response = await self._request("POST", "/runs", json=body)
         return RunDocument.model_validate(response.json())
+
+    async def submit_many(
+        self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
+    ) -> list[RunDocument]:
+        body = {"task": task.name, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
+        response = await self._request("POST", "/runs/batch", json=body)
+        return MapResponse.model_validate_json(response.content).runs
 
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:
         response = await self._request("GET", f"/runs/{run_id}")
@@ -299,5 +343,30 @@ def submit_router(hub: BgTasks) -> Any:
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
         return document
+
+    @router.post(
+        "/runs/batch",
+        status_code=202,
+        response_model=MapResponse,
+        summary="Submit many runs of one task, all or none",
+        dependencies=[Depends(operator_access(hub))],
+        responses={
+            401: {"model": ErrorBody, "description": "No operator access"},
+            404: {"model": ErrorBody, "description": "No task of that name"},
+            413: {"model": ErrorBody, "description": "Body or arguments too large"},
+            422: {"model": ErrorBody, "description": "Bad arguments (nothing is stored)"},
+            503: {"model": ErrorBody, "description": "Store unavailable"},
+        },
+    )
+    async def submit_runs(body: MapRequest) -> MapResponse:
+        task = hub.get_task(body.task)
+        calls = [task.dump_arguments(call.args, call.kwargs) for call in body.calls]
+        running = hub.running
+        if running is None:
+            raise StoreUnavailable(
+                "The app's lifespan is not running (FastAPI(lifespan=bg.lifespan))."
+            )
+        route = StoreRoute(hub, running.store, running.wakeups)
+        return MapResponse(runs=await route.submit_many(task, calls))
 
     return router

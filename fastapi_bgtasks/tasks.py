@@ -11,7 +11,7 @@ import functools
 import inspect
 import json
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
 
@@ -289,6 +289,16 @@ class Task(Generic[P, R]):
             idempotency_key=idempotency_key,
             priority=priority,
         )
+
+    async def map(self, *iterables: Iterable[Any], **static: Any) -> list[TaskRun]:
+        """One run per item, like the builtin `map`: `zip(*iterables)` gives
+        each run's positional arguments (the iterables must be as long as
+        each other), `static` keyword arguments go to every run. Every call
+        is validated before anything is stored; then all runs are stored in
+        one transaction, or none."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of arguments")
+        return await self.hub.submit_many(self, [(a, static) for a in zip(*iterables, strict=True)])
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
         """`delay` for synchronous code: a sync route, a script, a sync task."""

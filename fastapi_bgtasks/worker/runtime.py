@@ -335,7 +335,7 @@ class Worker:
             # answers its RUNNING report. Fencing counts from the lease's
             # start, not from now.
             held.fresh = True
-            held.last_renewed = leased
+            held.last_renewed = min(leased, now)
         self.held[delivery.id] = held
         runs.start_soon(self._execute, held, name=f"run {delivery.id}")
 
@@ -514,7 +514,10 @@ class Worker:
             # Keep renewing the lease until the final report has landed.
             self.held.pop(held.delivery.id, None)
 
-        self._enqueue(report, settled)
+        # Sent without the batching window: the app frees this worker's
+        # credit (and leases it the next run) only once it lands. Under load
+        # reports still share requests: they queue while one is in flight.
+        self._enqueue(report, settled, urgent=True)
 
     def _on_running_outcome(self, held: Held) -> Callable[[str], None]:
         def check(outcome: str) -> None:

@@ -1,0 +1,346 @@
+"""Fresh deliveries: a worker starts a run without waiting for the app to
+accept its RUNNING report only when the delivery is provably young.
+
+The feed's hello carries the app's monotonic clock and each delivery the
+app's clock just before its claim; with the moment the worker asked for the
+feed, the worker bounds a delivery's age from above on its own clock. The
+unit tests drive `Worker._hello` and `Worker._receive` directly, with no
+network; the last test runs a real app and worker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from fastapi_bgtasks import BgTasks
+from fastapi_bgtasks.models import Delivery, Hello
+from fastapi_bgtasks.worker.client import WorkerClient
+from fastapi_bgtasks.worker.runtime import Held, Worker, WorkerConfig
+from tests import timing
+from tests.harness.procs import Proc, start_app, start_worker
+
+URL = "http://127.0.0.1:9/tasks"  # never connected to
+LEASE = 400.0  # a quarter is 100 s: no test comes near it by running slowly
+QUARTER = LEASE / 4
+
+pytestmark = pytest.mark.anyio
+
+
+# -- fixtures and helpers -----------------------------------------------------
+
+
+class Calls:
+    """What the hub's task saw: its arguments, and an event per call."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+        self.called = anyio.Event()
+
+
+@pytest.fixture
+async def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+def hub(tmp_path: Path, calls: Calls) -> BgTasks:
+    hub = BgTasks(f"sqlite+aiosqlite:///{tmp_path}/hub.db")
+
+    @hub.task
+    async def echo(value: int) -> int:
+        calls.values.append(value)
+        calls.called.set()
+        return value
+
+    return hub
+
+
+@pytest.fixture
+async def make_worker(hub: BgTasks) -> AsyncIterator[Callable[[], Worker]]:
+    """Workers of the hub's task with an HTTP client that never connects."""
+    clients: list[WorkerClient] = []
+
+    def make() -> Worker:
+        worker = Worker(hub, ["echo"], WorkerConfig(url=URL, handle_signals=False))
+        worker.client = WorkerClient(URL, None, worker.worker_id, timeout=10.0)
+        clients.append(worker.client)
+        return worker
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.fixture
+async def worker(make_worker: Callable[[], Worker]) -> Worker:
+    return make_worker()
+
+
+@pytest.fixture(params=[1e6, -1e6], ids=["app-clock-ahead", "app-clock-behind"])
+def skew(request: pytest.FixtureRequest) -> float:
+    """How far the app's monotonic clock is from ours: the two never agree."""
+    return float(request.param)
+
+
+def connect(worker: Worker, *, asked_at: float, clock: float | None) -> None:
+    """The worker asked for its feed at `asked_at` (our clock); the app wrote
+    the hello at `clock` (its clock)."""
+    assert worker.client is not None
+    worker.client.feed_asked_at = asked_at
+    worker._hello(
+        Hello(
+            worker_id=worker.worker_id,
+            lease_seconds=LEASE,
+            heartbeat_seconds=LEASE / 8,
+            report_interval=0.02,
+            clock=clock,
+        )
+    )
+
+
+def delivery(leased_at: float | None) -> Delivery:
+    return Delivery(
+        id=uuid.uuid4(),
+        task="echo",
+        attempt=1,
+        lease_token=uuid.uuid4().hex,
+        args=[7],
+        kwargs={},
+        leased_at=leased_at,
+    )
+
+
+async def receive(worker: Worker, leased: Delivery) -> Held:
+    """Hand the delivery to the worker; its run is cancelled before it starts."""
+    async with anyio.create_task_group() as tg:
+        worker._receive(leased, tg)
+        tg.cancel_scope.cancel()
+    return worker.held[leased.id]
+
+
+# -- the freshness decision ------------------------------------------------------
+
+
+async def test_a_delivery_leased_as_the_hello_was_written_is_fresh(
+    worker: Worker, skew: float
+) -> None:
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + skew)
+    held = await receive(worker, delivery(leased_at=asked + skew))
+    assert held.fresh
+    assert held.last_renewed == pytest.approx(asked, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("age", "fresh"),
+    [(QUARTER / 2, True), (QUARTER, False), (2 * QUARTER, False)],
+    ids=["an-eighth", "a-quarter", "a-half"],
+)
+async def test_a_delivery_is_fresh_only_while_its_age_bound_is_under_a_quarter_lease(
+    worker: Worker, skew: float, age: float, fresh: bool
+) -> None:
+    """Leased `age` seconds (app clock) before the hello was written: its age
+    on our clock is at least that, so a quarter lease is never fresh."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + skew)
+    held = await receive(worker, delivery(leased_at=asked + skew - age))
+    assert held.fresh is fresh
+
+
+async def test_a_not_fresh_delivery_counts_its_lease_from_its_receipt(
+    worker: Worker, skew: float
+) -> None:
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + skew)
+    before = time.monotonic()
+    held = await receive(worker, delivery(leased_at=asked + skew - QUARTER))
+    after = time.monotonic()
+    assert not held.fresh
+    assert before <= held.last_renewed <= after
+
+
+async def test_a_resent_delivery_without_leased_at_is_not_fresh(
+    worker: Worker, skew: float
+) -> None:
+    """A reconnecting feed re-sends what the worker holds unstamped: its
+    lease may be of any age."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + skew)
+    before = time.monotonic()
+    held = await receive(worker, delivery(leased_at=None))
+    assert not held.fresh
+    assert held.last_renewed >= before
+
+
+async def test_a_delivery_under_a_hello_without_a_clock_is_not_fresh(
+    worker: Worker, skew: float
+) -> None:
+    """An older app's hello carries no clock: no stamp can be trusted."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=None)
+    held = await receive(worker, delivery(leased_at=asked + skew))
+    assert not held.fresh
+
+
+async def test_a_hello_without_a_clock_forgets_the_clock_of_an_earlier_feed(
+    worker: Worker, skew: float
+) -> None:
+    """Reconnected to an app without clocks, the old feed's offset is
+    meaningless: a stamp matching it must not make a delivery fresh."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + skew)
+    connect(worker, asked_at=time.monotonic(), clock=None)
+    held = await receive(worker, delivery(leased_at=asked + skew))
+    assert not held.fresh
+
+
+async def test_a_slow_link_before_the_hello_makes_the_same_delivery_look_older(
+    make_worker: Callable[[], Worker], skew: float
+) -> None:
+    """The hello may have been written any time after the worker asked for
+    it: the bound assumes the earliest, so a hello that took a quarter lease
+    to arrive leaves no delivery of its feed provably fresh."""
+    now = time.monotonic()
+    app_clock = now + skew
+    stamp = app_clock  # both deliveries leased as their hello was written
+    fast, slow = make_worker(), make_worker()
+    connect(fast, asked_at=now, clock=app_clock)
+    connect(slow, asked_at=now - QUARTER, clock=app_clock)
+    assert (await receive(fast, delivery(leased_at=stamp))).fresh
+    assert not (await receive(slow, delivery(leased_at=stamp))).fresh
+
+
+async def test_a_fresh_delivery_counts_its_lease_from_before_its_receipt(
+    worker: Worker, skew: float
+) -> None:
+    """Leased one second (app clock) after a hello the worker asked for two
+    seconds ago: its lease began at the latest one second ago on our clock,
+    and fencing must count from then, not from its receipt."""
+    asked = time.monotonic() - 2.0
+    connect(worker, asked_at=asked, clock=asked + skew)
+    before = time.monotonic()
+    held = await receive(worker, delivery(leased_at=asked + skew + 1.0))
+    assert held.fresh
+    assert held.last_renewed == pytest.approx(asked + 1.0, abs=1e-6)
+    assert held.last_renewed <= before
+
+
+async def test_a_delivery_stamped_later_than_our_clock_allows_never_renews_in_the_future(
+    worker: Worker, skew: float
+) -> None:
+    """Ten app-clock seconds after the hello, received the moment the feed
+    was asked for: impossible for clocks at one rate, but the bound must
+    still never place the lease's start after its receipt."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + skew)
+    held = await receive(worker, delivery(leased_at=asked + skew + 10.0))
+    after = time.monotonic()
+    assert held.last_renewed <= after
+
+
+# -- what the decision changes ------------------------------------------------------
+
+
+async def test_a_fresh_delivery_is_called_before_the_app_answers_its_running_report(
+    worker: Worker, calls: Calls
+) -> None:
+    """Nothing answers the reports here: the run still completes, its
+    RUNNING report queued ahead of its result."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + 1e6)
+    leased = delivery(leased_at=asked + 1e6)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            worker._runs = tg
+            worker._receive(leased, tg)
+            await calls.called.wait()
+            while len(worker._pending) < 2:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert calls.values == [7]
+    queued = [(p.report.state, p.report.run_id, p.report.result) for p in worker._pending]
+    assert queued == [("RUNNING", leased.id, None), ("COMPLETED", leased.id, 7)]
+
+
+async def test_a_delivery_not_provably_fresh_waits_for_its_running_report_to_be_accepted(
+    worker: Worker, calls: Calls
+) -> None:
+    """It may have sat in a half-open link while its lease went to another
+    worker: the app must accept its start before the task is called."""
+    asked = time.monotonic()
+    connect(worker, asked_at=asked, clock=asked + 1e6)
+    leased = delivery(leased_at=None)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            worker._runs = tg
+            worker._receive(leased, tg)
+            await worker._urgent.wait()  # the start report, sent at once
+            [pending] = worker._pending
+            assert (pending.report.state, pending.report.run_id) == ("RUNNING", leased.id)
+            assert calls.values == []
+            del worker._pending[0]
+            assert pending.on_outcome is not None
+            pending.on_outcome("accepted")
+            await calls.called.wait()
+            tg.cancel_scope.cancel()
+    assert calls.values == [7]
+
+
+# -- end to end ------------------------------------------------------------------------
+
+
+def _terminal(base: str, run_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timing.DEADLINE
+    while True:
+        doc: dict[str, Any] = httpx.get(f"{base}/tasks/runs/{run_id}", timeout=5).json()
+        if doc["state"] in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+            return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} still {doc['state']}: {doc}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def served(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """An app whose leases are long (20 s: a delivery is fresh for 5 s, so
+    runs start without waiting) and one worker; yields the base URL."""
+    procs: list[Proc] = []
+    try:
+        app, base = start_app(db_url, tmp_path, BGTASKS_TEST_LEASE="20")
+        procs.append(app)
+        procs.append(start_worker(f"{base}/tasks", db_url, tmp_path))
+        yield base
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_runs_started_by_a_real_worker_go_through_running_before_completed(
+    served: str,
+) -> None:
+    """A fresh start does not wait for its RUNNING report but still sends
+    it: every run's history shows it running before its result."""
+    run_ids = []
+    for i in range(8):
+        response = httpx.post(
+            f"{served}/tasks/runs", json={"task": "add", "args": [i, i]}, timeout=5
+        )
+        assert response.status_code == 202, response.text
+        run_ids.append(str(response.json()["id"]))
+    for i, run_id in enumerate(run_ids):
+        doc = _terminal(served, run_id)
+        assert (doc["state"], doc["result"]) == ("COMPLETED", 2 * i)
+        assert doc["started_at"] is not None
+        history = httpx.get(f"{served}/tasks/runs/{run_id}/history", timeout=5).json()
+        states = [t["to_state"] for t in history["transitions"]]
+        assert states == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
