@@ -6,6 +6,7 @@ the worker, which imports this module but never SQLAlchemy.
 
 from __future__ import annotations
 
+import base64
 import enum
 import uuid
 from datetime import UTC, datetime
@@ -306,3 +307,23 @@ def document_from_row(row: dict[str, Any], *, full: bool = True) -> RunDocument:
         error=error_info,
         worker_id=row.get("worker_id"),
     )
+
+
+# The cursor of GET /runs: opaque to clients, (created_at, id) to the store.
+
+
+def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, run_id = raw.split("|")
+        moment = datetime.fromisoformat(at)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment, uuid.UUID(run_id)
+    except Exception as exc:
+        raise ValueError("cursor is not one this API returned") from exc

@@ -48,7 +48,7 @@ def _running(hub: BgTasks) -> Running:
 
 def status_router(hub: BgTasks) -> Any:
     from .access import operator_access, operator_check
-    from .store import decode_cursor, encode_cursor
+    from .models import decode_cursor, encode_cursor
 
     router = APIRouter()
     check = operator_check(hub)

@@ -9,7 +9,6 @@ clock, the claim's locking and cross-process wake-ups differ.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import uuid
@@ -33,9 +32,9 @@ from .errors import (
     SchemaError,
     StoreUnavailable,
 )
-from .models import ACTIVE_STATES, Report, RunState
+from .models import ACTIVE_STATES, Report, RunState, decode_cursor, encode_cursor
 
-__all__ = ["SCHEMA_VERSION", "Store", "safe_url"]
+__all__ = ["SCHEMA_VERSION", "Store", "decode_cursor", "encode_cursor", "safe_url"]
 
 log = logging.getLogger("fastapi_bgtasks.store")
 
@@ -326,20 +325,6 @@ def _stored_text(value: Any) -> str | None:
 
 def _clean_text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
-
-
-def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
-    raw = f"{created_at.isoformat()}|{run_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, run_id = raw.split("|")
-        return _utc(datetime.fromisoformat(at)) or datetime.now(UTC), uuid.UUID(run_id)
-    except Exception as exc:
-        raise ValueError("cursor is not one this API returned") from exc
 
 
 @dataclass
