@@ -311,6 +311,22 @@ def _stored_size(value: Any) -> int | None:
         return None
 
 
+def _new_row(params: dict[str, Any], returned: Any) -> dict[str, Any]:
+    """The row a plain submit stored: its parameters and what the database set."""
+    created_at = _utc(returned.created_at)
+    return {
+        "id": returned.id, "task": params["task"], "state": S.SCHEDULED.value, "attempt": 0,
+        "max_attempts": params["max_attempts"], "rescues": 0,
+        "max_rescues": params["max_rescues"], "retry_delays": params["retry_delays"],
+        "timeout_seconds": params["timeout_seconds"], "priority": params["priority"],
+        "args": params["args"], "kwargs": params["kwargs"], "result": None, "error": None,
+        "created_at": created_at, "scheduled_at": _utc(returned.scheduled_at),
+        "started_at": None, "finished_at": None, "updated_at": created_at, "worker_id": None,
+        "lease_token": None, "lease_expires_at": None,
+        "idempotency_key": params["idempotency_key"], "cancel_requested": False, "reason": None,
+    }  # fmt: skip
+
+
 def _stored_text(value: Any) -> str | None:
     """A result as the JSON text to store, or None if JSON cannot carry it
     (NaN, an infinity, a lone surrogate): the one serialisation of a report."""
@@ -761,7 +777,7 @@ class Store:
             try:
                 async with self._one() as conn:
                     row = (await conn.execute(insert, item.params)).one()
-                item.row = _row(row)
+                item.row = _new_row(item.params, row)
             except Exception as exc:
                 item.error = exc
             return
@@ -770,7 +786,10 @@ class Store:
                 result = await conn.execute(
                     self._insert_statement(idempotent=False), [i.params for i in batch]
                 )
-                stored = {row.id: _row(row) for row in result}
+                returned = {row.id: row for row in result}
+                stored = {
+                    i.params["id"]: _new_row(i.params, returned[i.params["id"]]) for i in batch
+                }
         except InvalidValue:
             # One bad value fails the whole statement and nothing was
             # stored: each submit alone, so only the bad one is refused.
@@ -825,7 +844,10 @@ class Store:
                 index_elements=[runs.c.task, runs.c.idempotency_key],
                 index_where=runs.c.idempotency_key.isnot(None),
             )
-        statement = insert.returning(*runs.c)
+        # A new run is what the submit sent plus three values the database
+        # sets: returning only those spares decoding 25 columns per submit.
+        returned = (runs.c.id, runs.c.task, runs.c.created_at, runs.c.scheduled_at)
+        statement = insert.returning(*(runs.c if idempotent else returned))
         if notify:
             inserted = statement.cte("inserted")
             notified = sa.func.pg_notify(NOTIFY_CHANNEL, inserted.c.task).label("notified")
