@@ -118,7 +118,7 @@ class Database:
         self.url = self.dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
 
     def drop(self) -> None:
-        if self.name:
+        if self.name and not os.environ.get("BGTASKS_BENCH_KEEP_DB"):
             anyio.run(pg_admin, f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
@@ -158,6 +158,12 @@ class Server:
     @property
     def tasks_url(self) -> str:
         return f"{self.base}/tasks"
+
+
+def _prefetch() -> list[str]:
+    """Worker prefetch for tuning runs (BGTASKS_BENCH_PREFETCH); the CLI default otherwise."""
+    prefetch = os.environ.get("BGTASKS_BENCH_PREFETCH")
+    return ["--prefetch", prefetch] if prefetch else []
 
 
 @dataclass
@@ -233,14 +239,16 @@ class Bench:
         return server
 
     def start_worker(
-        self, server: Server, concurrency: int = int(os.environ.get("BGTASKS_BENCH_CONCURRENCY", "10"))
+        self,
+        server: Server,
+        concurrency: int = int(os.environ.get("BGTASKS_BENCH_CONCURRENCY", "10")),
     ) -> subprocess.Popen[bytes]:
         """A worker process for benchapp's tasks; returns once it holds a
         connection to the app (its feed), plus a moment for the first claim."""
         env = {k: v for k, v in self.env.items() if k != "BGTASKS_DATABASE_URL"}
         args = ["-m", "fastapi_bgtasks.worker", "benchmarks.benchapp", "--url", server.tasks_url]
         proc = self._spawn(
-            [*args, "--concurrency", str(concurrency), "--log-level", "WARNING"], env
+            [*args, "--concurrency", str(concurrency), *_prefetch(), "--log-level", "WARNING"], env
         )
         deadline = time.monotonic() + 30
         while not _connected(proc.pid, server.port):

@@ -209,10 +209,58 @@ $$ LANGUAGE plpgsql
 """
 
 
+# History per statement on PostgreSQL: a bulk report or a claim of many runs
+# records its transitions with one INSERT … SELECT over the transition
+# tables, not one PL/pgSQL call per row. (A trigger with transition tables
+# takes one event, so inserts and updates have one each.)
+_PG_STATEMENT_TRIGGERS = [
+    "DROP TRIGGER IF EXISTS bgtasks_runs_history ON bgtasks_runs",
+    """
+    CREATE OR REPLACE FUNCTION bgtasks_record_inserts() RETURNS trigger AS $$
+    BEGIN
+        INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+        SELECT n.id, NULL, n.state, n.attempt, n.reason, n.updated_at FROM inserted AS n;
+        RETURN NULL;
+    END
+    $$ LANGUAGE plpgsql
+    """,
+    """
+    CREATE OR REPLACE FUNCTION bgtasks_record_updates() RETURNS trigger AS $$
+    BEGIN
+        INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+        SELECT n.id, o.state, n.state, n.attempt, n.reason, n.updated_at
+        FROM updated AS n JOIN previous AS o ON o.id = n.id
+        WHERE n.state IS DISTINCT FROM o.state
+        ORDER BY n.id;
+        RETURN NULL;
+    END
+    $$ LANGUAGE plpgsql
+    """,
+    """
+    CREATE TRIGGER bgtasks_runs_inserted AFTER INSERT ON bgtasks_runs
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION bgtasks_record_inserts()
+    """,
+    """
+    CREATE TRIGGER bgtasks_runs_updated AFTER UPDATE ON bgtasks_runs
+    REFERENCING OLD TABLE AS previous NEW TABLE AS updated
+    FOR EACH STATEMENT EXECUTE FUNCTION bgtasks_record_updates()
+    """,
+    "DROP FUNCTION IF EXISTS bgtasks_record_transition()",
+]
+
+
 async def _migration_2(conn: AsyncConnection, dialect: str) -> None:
-    """PostgreSQL: the one-round-trip claim (SQLite claims in one statement)."""
+    """The hot path's schema: PostgreSQL's one-round-trip claim and history
+    per statement, and an index of waiting runs by due time (both)."""
     if dialect == "postgresql":
         await conn.exec_driver_sql(_PG_CLAIM_FUNCTION)
+        for ddl in _PG_STATEMENT_TRIGGERS:
+            await conn.exec_driver_sql(ddl)
+    await conn.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS bgtasks_runs_due ON bgtasks_runs (scheduled_at) "
+        "WHERE state = 'SCHEDULED'"
+    )
 
 
 # Forward-only: never edit a released migration, append a new one.
@@ -493,9 +541,14 @@ class Store:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """For reads. On PostgreSQL in autocommit: each statement has its own
+        snapshot anyway (READ COMMITTED), and a BEGIN and a ROLLBACK would
+        triple the round trips of a one-statement read."""
         _, reader = self._engines()
         try:
             async with reader.connect() as conn:
+                if self.is_pg:
+                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 yield conn
         except _CAUGHT as exc:
             translated = self._translate(exc)
@@ -782,7 +835,10 @@ class Store:
                 item.error = exc
             return
         try:
-            async with self._one() as conn:
+            # One transaction: a large group goes as several INSERTs, and a
+            # refusal in a later one must leave none stored before the
+            # submits are retried alone.
+            async with self._write() as conn:
                 result = await conn.execute(
                     self._insert_statement(idempotent=False), [i.params for i in batch]
                 )
@@ -1052,13 +1108,32 @@ class Store:
         return released
 
     async def next_due(self, tasks: Sequence[str]) -> datetime | None:
-        """When the earliest waiting run of these tasks becomes due."""
-        query = sa.select(sa.func.min(runs.c.scheduled_at)).where(
-            _SCHEDULED, runs.c.task.in_(list(tasks))
-        )
+        """When the earliest run of these tasks not yet due becomes due (runs
+        already due are the claim's business). Read from the index of waiting
+        runs by due time, from now on: a backlog of due runs costs nothing."""
+        query = self._statements.get("next_due")
+        if query is None:
+            now = (
+                sa.func.now()
+                if self.is_pg
+                else sa.bindparam("now", type_=sa.DateTime(timezone=True))
+            )
+            query = self._statements["next_due"] = (
+                sa.select(runs.c.scheduled_at)
+                .where(
+                    _SCHEDULED,
+                    runs.c.scheduled_at > now,
+                    runs.c.task.in_(sa.bindparam("tasks", expanding=True)),
+                )
+                .order_by(runs.c.scheduled_at)
+                .limit(1)
+            )
+        params: dict[str, Any] = {"tasks": list(tasks)}
+        if not self.is_pg:
+            params["now"] = datetime.now(UTC)
         async with self._read() as conn:
-            value = await conn.scalar(query)
-        if isinstance(value, str):  # SQLite's min() over text loses the type
+            value = await conn.scalar(query, params)
+        if isinstance(value, str):  # defensive: SQLite text timestamps
             value = datetime.fromisoformat(value)
         return _utc(value)
 
@@ -1142,52 +1217,19 @@ class Store:
     ) -> set[uuid.UUID]:
         """RUNNING or COMPLETED reports of distinct runs in one statement;
         returns the runs it changed (the others are classified by the caller)."""
-        if state == "RUNNING":
-            sets = "state = 'RUNNING', started_at = :now, updated_at = :now"
-            allowed = "('PENDING')"
-        else:
-            sets = (
-                "state = 'COMPLETED', result = {result}, error = NULL, "
-                "started_at = coalesce(r.started_at, :now), finished_at = :now, "
-                "lease_expires_at = NULL, updated_at = :now, reason = NULL"
-            )
-            allowed = "('PENDING', 'RUNNING')"
+        statement = self._bulk_statement(state)
         if self.is_pg:
-            sql = f"""
-                UPDATE bgtasks_runs AS r SET {sets.format(result="CAST(v.result AS json)")}
-                FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]),
-                            CAST(:results AS text[])) AS v(id, token, result)
-                WHERE r.id = v.id AND r.lease_token = v.token AND r.state IN {allowed}
-                  AND r.id IN (SELECT id FROM bgtasks_runs WHERE id = ANY(CAST(:ids AS uuid[]))
-                               ORDER BY id FOR UPDATE)
-                RETURNING r.id
-            """.replace(":now", "now()")
             params: dict[str, Any] = {
                 "ids": [r.run_id for r in reports],
                 "tokens": [r.lease_token for r in reports],
                 "results": list(results),
             }
-            statement = sa.text(sql).columns(sa.column("id", sa.Uuid))
         else:
-            sql = f"""
-                UPDATE bgtasks_runs AS r SET {sets.format(result="v.result")}
-                FROM (SELECT json_extract(value, '$[0]') AS id,
-                             json_extract(value, '$[1]') AS token,
-                             json_extract(value, '$[2]') AS result
-                      FROM json_each(:batch)) AS v
-                WHERE r.id = v.id AND r.lease_token = v.token AND r.state IN {allowed}
-                RETURNING id
-            """
             batch = [
                 [r.run_id.hex, r.lease_token, text]
                 for r, text in zip(reports, results, strict=True)
             ]
             params = {"batch": json.dumps(batch), "now": datetime.now(UTC)}
-            statement = (
-                sa.text(sql)
-                .bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
-                .columns(sa.column("id", sa.Uuid))
-            )
         return {row.id for row in await conn.execute(statement, params)}
 
     async def _apply(
@@ -1307,6 +1349,51 @@ class Store:
         if row is not None:
             return "accepted", {"id": row.id, "state": row.state}
         return await self._classify(conn, report, result), None
+
+    def _bulk_statement(self, state: str) -> Any:
+        """The UPDATE … FROM of a kind of bulk report, built once per store."""
+        key = f"bulk:{state}"
+        statement = self._statements.get(key)
+        if statement is not None:
+            return statement
+        if state == "RUNNING":
+            sets = "state = 'RUNNING', started_at = :now, updated_at = :now"
+            allowed = "('PENDING')"
+        else:
+            sets = (
+                "state = 'COMPLETED', result = {result}, error = NULL, "
+                "started_at = coalesce(r.started_at, :now), finished_at = :now, "
+                "lease_expires_at = NULL, updated_at = :now, reason = NULL"
+            )
+            allowed = "('PENDING', 'RUNNING')"
+        if self.is_pg:
+            sql = f"""
+                UPDATE bgtasks_runs AS r SET {sets.format(result="CAST(v.result AS json)")}
+                FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]),
+                            CAST(:results AS text[])) AS v(id, token, result)
+                WHERE r.id = v.id AND r.lease_token = v.token AND r.state IN {allowed}
+                  AND r.id IN (SELECT id FROM bgtasks_runs WHERE id = ANY(CAST(:ids AS uuid[]))
+                               ORDER BY id FOR UPDATE)
+                RETURNING r.id
+            """.replace(":now", "now()")
+            statement = sa.text(sql).columns(sa.column("id", sa.Uuid))
+        else:
+            sql = f"""
+                UPDATE bgtasks_runs AS r SET {sets.format(result="v.result")}
+                FROM (SELECT json_extract(value, '$[0]') AS id,
+                             json_extract(value, '$[1]') AS token,
+                             json_extract(value, '$[2]') AS result
+                      FROM json_each(:batch)) AS v
+                WHERE r.id = v.id AND r.lease_token = v.token AND r.state IN {allowed}
+                RETURNING id
+            """
+            statement = (
+                sa.text(sql)
+                .bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
+                .columns(sa.column("id", sa.Uuid))
+            )
+        self._statements[key] = statement
+        return statement
 
     async def _classify(self, conn: AsyncConnection, report: Report, result: Any) -> str:
         """Why a report changed nothing: a repeat, a lost lease, or no such run."""
