@@ -361,6 +361,7 @@ async def test_worker_routes_refuse_near_miss_credentials_and_change_nothing(
 
 ROUTE_ACCESS = {
     ("POST", "/runs"): "operator",
+    ("POST", "/runs/batch"): "operator",
     ("GET", "/runs"): "operator",
     ("GET", "/runs/{run_id}"): "capability",
     ("GET", "/runs/{run_id}/history"): "operator",
@@ -416,6 +417,7 @@ async def test_every_route_of_the_mounted_app_answers_an_anonymous_client_by_its
         before = [await stored(hub, leased), await stored(hub, finished), await run_count(hub)]
         bodies: dict[tuple[str, str], dict[str, Any]] = {
             ("POST", "/runs"): {"json": {"task": "echo", "args": [1]}},
+            ("POST", "/runs/batch"): {"json": {"task": "echo", "calls": [{"args": [1]}]}},
             ("POST", "/worker/reports"): {"json": report_body(leased, lease_token)},
             ("POST", "/worker/heartbeat"): {
                 "json": {"worker_id": "w1", "runs": [{"run_id": leased, "lease_token": "x"}]}
