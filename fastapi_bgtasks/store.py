@@ -192,17 +192,22 @@ BEGIN
     END IF;
     -- = ANY(ARRAY(...)): the runs are looked up by id; an IN (subquery)
     -- with a LIMIT the planner cannot see made it scan the whole table.
+    -- One index scan per task, each already in claim order, so a backlog
+    -- of due runs is never sorted (task = ANY(...) sorted all of it).
     RETURN QUERY
     UPDATE bgtasks_runs SET
         state = 'PENDING', attempt = attempt + 1, worker_id = p_worker,
         lease_token = p_token, lease_expires_at = now() + make_interval(secs => p_lease),
         updated_at = now(), reason = NULL
     WHERE id = ANY(ARRAY(
-        SELECT id FROM bgtasks_runs
-        WHERE state = 'SCHEDULED' AND task = ANY(p_tasks) AND scheduled_at <= now()
-        ORDER BY priority DESC, scheduled_at
-        LIMIT credit
-        FOR UPDATE SKIP LOCKED))
+        SELECT due.id FROM unnest(p_tasks) AS served(name) CROSS JOIN LATERAL (
+            SELECT id, priority, scheduled_at FROM bgtasks_runs
+            WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
+            ORDER BY priority DESC, scheduled_at
+            LIMIT credit
+            FOR UPDATE SKIP LOCKED) AS due
+        ORDER BY due.priority DESC, due.scheduled_at
+        LIMIT credit))
     RETURNING *;
 END
 $$ LANGUAGE plpgsql
@@ -1179,11 +1184,14 @@ class Store:
                 texts[i] = None if text == "null" else text  # SQL NULL, as one by one
             seen.add(key)
             bulk[report.state].append(i)
-        statements = sum(1 for group in bulk.values() if group) + len(rest)
-        # A single statement needs no transaction around it (one round trip).
-        session = self._one() if statements == 1 else self._write()
+        # The bulk statements need no transaction: each report stands alone,
+        # and each statement commits (and releases the rows it locked, in id
+        # order) before the next; a worker resends a batch whose answer it
+        # did not get, and repeats come back `duplicate`. Reports applied
+        # one by one go in one transaction that locks the batch first.
+        session = self._one() if not rest else self._write()
         async with session as conn:
-            if self.is_pg and statements > 1:
+            if self.is_pg and rest:
                 # Kinds are applied one after the other, each locking its
                 # rows: lock the whole batch first, in id order.
                 await conn.execute(
