@@ -1,45 +1,23 @@
-"""The app and tasks the benchmarks run: no-ops, so the figures measure the
-library, not the tasks.
+"""The app the benchmarks serve: the tasks of `benchtasks` mounted in a
+FastAPI app, plus the two routes of W5.
 
-- `noop`: the unit of throughput (W1, W2, W1c, W5's route, W7).
-- `stamp`: returns when its body started, so pickup latency (W3) is read
-  from the stored results without any other channel.
-- `item`: one element of a bulk `map` (W6).
 - `POST /submit` and `POST /baseline`: one route that submits a run and its
   twin that does not, so W5's difference is the cost of `delay` in a route.
 """
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
 
 from fastapi import Depends, FastAPI
 
-from fastapi_bgtasks import BgTasks, Submitter
+from benchmarks.benchtasks import bg, item, noop, stamp
+from fastapi_bgtasks import Submitter
 
-bg = BgTasks(os.environ.get("BGTASKS_DATABASE_URL"), poll_seconds=1.0)
+__all__ = ["app", "bg", "item", "noop", "stamp"]
 
 # What /baseline answers: shaped like a run id, so both routes send the same bytes.
 BASELINE_ID = str(uuid.UUID(int=0))
-
-
-@bg.task
-async def noop() -> None:
-    return None
-
-
-@bg.task
-async def stamp() -> float:
-    """The wall clock when the body starts (the submitter stamps its side)."""
-    return time.time()
-
-
-@bg.task
-async def item(i: int) -> None:
-    return None
-
 
 app = FastAPI(lifespan=bg.lifespan)
 app.mount("/tasks", bg.app)

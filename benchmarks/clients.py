@@ -31,7 +31,7 @@ from benchmarks.harness import emit, latency_summary
 
 async def sequential(runs: int) -> dict[str, Any]:
     """W1/W2: one `await noop.delay()` after another."""
-    from benchmarks.benchapp import noop
+    from benchmarks.benchtasks import noop
 
     started = time.perf_counter()
     for _ in range(runs):
@@ -46,7 +46,7 @@ def _shares(total: int, parts: int) -> list[int]:
 
 async def concurrent(runs: int, submitters: int) -> dict[str, Any]:
     """W1c: `submitters` coroutines on one loop, each submitting its share in turn."""
-    from benchmarks.benchapp import noop
+    from benchmarks.benchtasks import noop
 
     async def submitter(count: int) -> None:
         for _ in range(count):
@@ -62,7 +62,7 @@ async def concurrent(runs: int, submitters: int) -> dict[str, Any]:
 async def paced(rate: float, seconds: float) -> dict[str, Any]:
     """W3: `stamp` runs at a steady rate, each stamped with the wall clock
     just before its submit; the harness subtracts that from the body's stamp."""
-    from benchmarks.benchapp import noop, stamp
+    from benchmarks.benchtasks import noop, stamp
 
     await noop.delay()  # opens this loop's store: the first sample pays no connect
     total = max(1, round(rate * seconds))
@@ -87,7 +87,7 @@ async def paced(rate: float, seconds: float) -> dict[str, Any]:
 
 async def bulk_map(runs: int) -> dict[str, Any]:
     """W6: one `item.map(range(runs))`, skipped while the library has no `map`."""
-    from benchmarks.benchapp import item, noop
+    from benchmarks.benchtasks import item, noop
     from fastapi_bgtasks import Task
 
     if not hasattr(Task, "map"):

@@ -243,10 +243,10 @@ class Bench:
         server: Server,
         concurrency: int = int(os.environ.get("BGTASKS_BENCH_CONCURRENCY", "10")),
     ) -> subprocess.Popen[bytes]:
-        """A worker process for benchapp's tasks; returns once it holds a
+        """A worker process for benchtasks' tasks; returns once it holds a
         connection to the app (its feed), plus a moment for the first claim."""
         env = {k: v for k, v in self.env.items() if k != "BGTASKS_DATABASE_URL"}
-        args = ["-m", "fastapi_bgtasks.worker", "benchmarks.benchapp", "--url", server.tasks_url]
+        args = ["-m", "fastapi_bgtasks.worker", "benchmarks.benchtasks", "--url", server.tasks_url]
         proc = self._spawn(
             [*args, "--concurrency", str(concurrency), *_prefetch(), "--log-level", "WARNING"], env
         )

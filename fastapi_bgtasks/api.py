@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import BgTasksError, PayloadTooLarge
 from .feed import feed_router
+from .intake import submit_router
 from .models import ErrorBody
 from .reports import reports_router
 from .status import status_router
-from .submitter import submit_router
 
 if TYPE_CHECKING:
     from .app import BgTasks

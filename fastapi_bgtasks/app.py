@@ -27,6 +27,7 @@ from .taskrun import TaskRun
 from .tasks import OnWorkerLost, Task, TaskOptions
 
 if TYPE_CHECKING:
+    from .access import FailureThrottle
     from .feed import Wakeups
     from .store import Store
     from .submitter import Route, Submitter
@@ -138,10 +139,17 @@ class BgTasks:
         self._private_loop: asyncio.AbstractEventLoop | None = None
         self._private_lock = threading.Lock()
         self._app: Any = None
-        from .access import FailureThrottle
+        self._auth_throttle: FailureThrottle | None = None
 
-        # One count of refused credentials for every worker route of this hub.
-        self.auth_throttle = FailureThrottle()
+    @property
+    def auth_throttle(self) -> FailureThrottle:
+        """One count of refused credentials for every worker route of this
+        hub. Made on first use: a worker process never imports the HTTP side."""
+        if self._auth_throttle is None:
+            from .access import FailureThrottle
+
+            self._auth_throttle = FailureThrottle()
+        return self._auth_throttle
 
     def __repr__(self) -> str:
         from .store import safe_url

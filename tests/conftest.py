@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from fastapi_bgtasks import BgTasks
+from fastapi_bgtasks.store import Store
 from tests import timing
 from tests.harness.procs import Proc, start_app, start_worker
 
@@ -119,3 +120,15 @@ def workers(db_url: str, tmp_path: Path) -> Iterator[list[Proc]]:
 
 
 __all__ = ["short_hub", "start_app", "start_worker"]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """An open store on a fresh database whose schema exists."""
+    opened = Store(db_url)
+    await opened.open()
+    await opened.migrate()
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -6,9 +6,7 @@ real, fresh database. One behaviour per test."""
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,8 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from fastapi_bgtasks import BgTasks, InvalidValue, Task, TaskRun
-from fastapi_bgtasks.store import NOTIFY_CHANNEL, Store, runs
+from fastapi_bgtasks.store import NOTIFY_CHANNEL, Store
 from tests import timing
+from tests.storekit import eventually, run_values, stored_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -51,17 +50,6 @@ def _no_bgtasks_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-async def store(migrated: str) -> AsyncIterator[Store]:
-    """An open store on a fresh database whose schema exists."""
-    opened = Store(migrated)
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 def require_postgres(url: str) -> None:
     if not url.startswith("postgresql"):
         pytest.skip("LISTEN/NOTIFY and server-side locks are PostgreSQL's")
@@ -71,41 +59,9 @@ def plain_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
-async def stored_rows(store: Store) -> dict[uuid.UUID, dict[str, Any]]:
-    _, reader = store._engines()
-    async with reader.connect() as conn:
-        return {row.id: dict(row._mapping) for row in await conn.execute(sa.select(runs))}
-
-
 async def insert(store: Store, n: int, task: str = TASK, **options: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "task": task,
-        "args": [n],
-        "kwargs": {},
-        "max_attempts": 1,
-        "max_rescues": 3,
-        "retry_delays": [0.0],
-        "timeout_seconds": None,
-        "priority": 0,
-        "countdown": None,
-        "eta": None,
-        "idempotency_key": None,
-    }
-    values.update(options)
-    row, _ = await store.insert_run(**values)
+    row, _ = await store.insert_run(**run_values(task, **{"args": [n], **options}))
     return row
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = timing.DEADLINE) -> Any:
-    """Poll `check` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await anyio.sleep(0.01)
 
 
 @asynccontextmanager

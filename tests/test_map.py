@@ -6,14 +6,10 @@ one real app and worker per backend. One behaviour per test."""
 from __future__ import annotations
 
 import math
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import asyncpg
 import httpx
 import pytest
@@ -33,6 +29,7 @@ from fastapi_bgtasks import (
 from fastapi_bgtasks.models import MAX_MAP_CALLS
 from fastapi_bgtasks.store import MAP_CHUNK, NOTIFY_CHANNEL, Store, runs
 from tests import timing
+from tests.storekit import eventually, stored_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -84,26 +81,9 @@ def _no_bgtasks_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def store(migrated: str) -> AsyncIterator[Store]:
-    """A store on the test's database, to read what was stored."""
-    opened = Store(migrated)
-    await opened.open()
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 def served(shared_server: str, shared_db: tuple[str, Path]) -> tuple[str, str]:
     """(base URL, database URL) of the app and worker this module shares."""
     return shared_server, shared_db[0]
-
-
-async def stored_rows(store: Store) -> dict[uuid.UUID, dict[str, Any]]:
-    _, reader = store._engines()
-    async with reader.connect() as conn:
-        return {row.id: dict(row._mapping) for row in await conn.execute(sa.select(runs))}
 
 
 async def count_runs(store: Store) -> int:
@@ -119,18 +99,6 @@ async def count_runs_at(url: str) -> int:
         return await count_runs(opened)
     finally:
         await opened.close()
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = timing.DEADLINE) -> Any:
-    """Poll `check` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await anyio.sleep(0.01)
 
 
 def calls(*items: tuple[list[Any], dict[str, Any]]) -> list[dict[str, Any]]:

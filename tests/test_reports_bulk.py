@@ -6,15 +6,15 @@ against a real, fresh database. One behaviour per test."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 import sqlalchemy as sa
 
-from fastapi_bgtasks.models import ErrorInfo, Report
+from fastapi_bgtasks.models import ErrorInfo
 from fastapi_bgtasks.store import Store, runs
+from tests.storekit import apply, fetch, report, submit_run
 
 pytestmark = pytest.mark.anyio
 
@@ -42,36 +42,8 @@ SHAPES: list[Any] = [
 # -- fixtures and helpers (as in tests/test_store.py) -------------------------
 
 
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    """An open store on a fresh database whose schema exists."""
-    opened = Store(db_url)
-    await opened.open()
-    await opened.migrate()
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def submit(store: Store, task: str = TASK, **options: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "task": task,
-        "args": [],
-        "kwargs": {},
-        "max_attempts": 1,
-        "max_rescues": 3,
-        "retry_delays": [0.0],
-        "timeout_seconds": None,
-        "priority": 0,
-        "countdown": None,
-        "eta": None,
-        "idempotency_key": None,
-    }
-    values.update(options)
-    row, created = await store.insert_run(**values)
-    assert created
-    return row
+    return await submit_run(store, task, **options)
 
 
 async def claim(store: Store, slots: int = 10, worker: str = "w1") -> list[dict[str, Any]]:
@@ -91,21 +63,6 @@ async def leased_runs(store: Store, count: int, **options: Any) -> list[dict[str
     claimed = await claim(store, slots=count)
     assert len(claimed) == count
     return claimed
-
-
-def report(delivery: dict[str, Any], state: str, **fields: Any) -> Report:
-    return Report(run_id=delivery["id"], lease_token=delivery["lease_token"], state=state, **fields)
-
-
-async def apply(store: Store, *reports: Report, max_result_bytes: int = BIG) -> list[str]:
-    outcomes = await store.apply_reports(list(reports), max_result_bytes=max_result_bytes)
-    return [outcome for outcome, _ in outcomes]
-
-
-async def fetch(store: Store, run_id: uuid.UUID) -> dict[str, Any]:
-    row = await store.get_run(run_id)
-    assert row is not None
-    return row
 
 
 async def steps(store: Store, run_id: uuid.UUID) -> list[tuple[str | None, str]]:

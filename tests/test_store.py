@@ -4,9 +4,8 @@ PostgreSQL alike against a real, fresh database. One behaviour per test."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -15,7 +14,7 @@ import sqlalchemy as sa
 
 from fastapi_bgtasks import BgTasks
 from fastapi_bgtasks.errors import IdempotencyConflict, RunFinished, RunNotFound, SchemaError
-from fastapi_bgtasks.models import ErrorInfo, Report, RunState
+from fastapi_bgtasks.models import ErrorInfo, RunState
 from fastapi_bgtasks.store import (
     SCHEMA_VERSION,
     Store,
@@ -25,7 +24,7 @@ from fastapi_bgtasks.store import (
     schema_table,
 )
 from fastapi_bgtasks.submitter import StoreRoute
-from tests import timing
+from tests.storekit import apply, eventually, fetch, report, submit_run
 
 pytestmark = pytest.mark.anyio
 
@@ -35,18 +34,6 @@ BIG = 1 << 20
 
 
 # -- fixtures and helpers ----------------------------------------------------
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    """An open store on a fresh database whose schema exists."""
-    opened = Store(db_url)
-    await opened.open()
-    await opened.migrate()
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture
@@ -61,23 +48,7 @@ async def second_store(store: Store, db_url: str) -> AsyncIterator[Store]:
 
 
 async def submit(store: Store, task: str = TASK, **options: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "task": task,
-        "args": [],
-        "kwargs": {},
-        "max_attempts": 1,
-        "max_rescues": 3,
-        "retry_delays": [0.0],
-        "timeout_seconds": None,
-        "priority": 0,
-        "countdown": None,
-        "eta": None,
-        "idempotency_key": None,
-    }
-    values.update(options)
-    row, created = await store.insert_run(**values)
-    assert created
-    return row
+    return await submit_run(store, task, **options)
 
 
 async def claim(
@@ -90,21 +61,6 @@ async def claim_one(store: Store, worker: str = "w1") -> dict[str, Any]:
     claimed = await claim(store, worker, slots=1)
     assert len(claimed) == 1
     return claimed[0]
-
-
-def report(delivery: dict[str, Any], state: str, **fields: Any) -> Report:
-    return Report(run_id=delivery["id"], lease_token=delivery["lease_token"], state=state, **fields)
-
-
-async def apply(store: Store, *reports: Report, max_result_bytes: int = BIG) -> list[str]:
-    outcomes = await store.apply_reports(list(reports), max_result_bytes=max_result_bytes)
-    return [outcome for outcome, _ in outcomes]
-
-
-async def fetch(store: Store, run_id: uuid.UUID) -> dict[str, Any]:
-    row = await store.get_run(run_id)
-    assert row is not None
-    return row
 
 
 async def update_rows(store: Store, where: Any, **values: Any) -> None:
@@ -126,18 +82,6 @@ async def make_due(store: Store, run_id: uuid.UUID) -> None:
     await update_rows(
         store, runs.c.id == run_id, scheduled_at=datetime.now(UTC) - timedelta(seconds=1)
     )
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = timing.DEADLINE) -> Any:
-    """Poll `check` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def error(kind: str = "ValueError", message: str = "boom") -> ErrorInfo:

@@ -44,6 +44,7 @@ from fastapi_bgtasks.store import Store, history, runs
 from tests import timing
 from tests.faults.checker import ARTIFACTS
 from tests.harness.procs import Proc, start_app, start_worker
+from tests.storekit import submit_run as submit
 
 ACTIVE = {s.value for s in ACTIVE_STATES}
 TERMINAL = {s.value for s in TERMINAL_STATES}
@@ -62,30 +63,6 @@ def write_figures(scenario: str, figures: dict[str, Any]) -> Path:
     path = ARTIFACTS / f"{scenario}.json"
     path.write_text(json.dumps({"scenario": scenario, **figures}, indent=2, default=str))
     return path
-
-
-def run_values(task: str, **options: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "task": task,
-        "args": [],
-        "kwargs": {},
-        "max_attempts": 1,
-        "max_rescues": 3,
-        "retry_delays": [0.0],
-        "timeout_seconds": None,
-        "priority": 0,
-        "countdown": None,
-        "eta": None,
-        "idempotency_key": None,
-    }
-    values.update(options)
-    return values
-
-
-async def submit(store: Store, task: str, **options: Any) -> dict[str, Any]:
-    row, created = await store.insert_run(**run_values(task, **options))
-    assert created
-    return row
 
 
 async def write(store: Store, statement: Any) -> None:

@@ -1,0 +1,99 @@
+"""① The HTTP intake of submissions: `POST /runs` and `POST /runs/batch`,
+for other services, scripts without the package, and tasks submitting from
+inside a worker. Arguments are validated exactly as `task.delay` validates
+them; nothing is stored unless they pass.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Header, Response
+
+from .access import operator_access
+from .errors import StoreUnavailable
+from .models import ErrorBody, MapRequest, MapResponse, RunDocument, SubmitRequest
+from .submitter import StoreRoute
+
+if TYPE_CHECKING:
+    from .app import BgTasks
+
+__all__ = ["submit_router"]
+
+
+def submit_router(hub: BgTasks) -> Any:
+    """`POST /runs`: submit a run by task name (operators, other services)."""
+    from .app import check_schedule
+
+    router = APIRouter()
+
+    @router.post(
+        "/runs",
+        status_code=202,
+        response_model=RunDocument,
+        response_model_exclude_none=False,
+        summary="Submit a run",
+        dependencies=[Depends(operator_access(hub))],
+        responses={
+            401: {"model": ErrorBody, "description": "No operator access"},
+            404: {"model": ErrorBody, "description": "No task of that name"},
+            409: {"model": ErrorBody, "description": "Idempotency key reused with other arguments"},
+            413: {"model": ErrorBody, "description": "Body or arguments too large"},
+            422: {"model": ErrorBody, "description": "Bad arguments or schedule"},
+            503: {"model": ErrorBody, "description": "Store unavailable"},
+        },
+    )
+    async def submit_run(
+        body: SubmitRequest,
+        response: Response,
+        idempotency_key: str | None = Header(default=None, max_length=200),
+    ) -> RunDocument:
+        task = hub.get_task(body.task)
+        check_schedule(body.countdown, body.eta, body.priority)
+        key = body.idempotency_key or idempotency_key
+        args, kwargs = task.dump_arguments(body.args, body.kwargs)
+        running = hub.running
+        if running is None:
+            raise StoreUnavailable(
+                "The app's lifespan is not running (FastAPI(lifespan=bg.lifespan))."
+            )
+        route = StoreRoute(hub, running.store, running.wakeups)
+        document, created = await route.submit_row(
+            task,
+            args,
+            kwargs,
+            countdown=body.countdown,
+            eta=body.eta,
+            idempotency_key=key,
+            priority=body.priority,
+        )
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return document
+
+    @router.post(
+        "/runs/batch",
+        status_code=202,
+        response_model=MapResponse,
+        summary="Submit many runs of one task, all or none",
+        dependencies=[Depends(operator_access(hub))],
+        responses={
+            401: {"model": ErrorBody, "description": "No operator access"},
+            404: {"model": ErrorBody, "description": "No task of that name"},
+            413: {"model": ErrorBody, "description": "Body or arguments too large"},
+            422: {"model": ErrorBody, "description": "Bad arguments (nothing is stored)"},
+            503: {"model": ErrorBody, "description": "Store unavailable"},
+        },
+    )
+    async def submit_runs(body: MapRequest) -> MapResponse:
+        task = hub.get_task(body.task)
+        calls = [task.dump_arguments(call.args, call.kwargs) for call in body.calls]
+        running = hub.running
+        if running is None:
+            raise StoreUnavailable(
+                "The app's lifespan is not running (FastAPI(lifespan=bg.lifespan))."
+            )
+        route = StoreRoute(hub, running.store, running.wakeups)
+        return MapResponse(runs=await route.submit_many(task, calls))
+
+    return router
