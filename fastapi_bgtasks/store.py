@@ -232,11 +232,23 @@ _PG_STATEMENT_TRIGGERS = [
     """
     CREATE OR REPLACE FUNCTION bgtasks_record_updates() RETURNS trigger AS $$
     BEGIN
+        -- A run that went from PENDING to COMPLETED was running: its
+        -- history says so (see _SQLITE_TRANSITION_TRIGGER).
         INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
-        SELECT n.id, o.state, n.state, n.attempt, n.reason, n.updated_at
-        FROM updated AS n JOIN previous AS o ON o.id = n.id
-        WHERE n.state IS DISTINCT FROM o.state
-        ORDER BY n.id;
+        SELECT run_id, from_state, to_state, attempt, reason, at FROM (
+            SELECT n.id AS run_id, o.state AS from_state, 'RUNNING' AS to_state,
+                   n.attempt, NULL AS reason, n.updated_at AS at, 0 AS step
+            FROM updated AS n JOIN previous AS o ON o.id = n.id
+            WHERE o.state = 'PENDING' AND n.state = 'COMPLETED'
+            UNION ALL
+            SELECT n.id,
+                   CASE WHEN o.state = 'PENDING' AND n.state = 'COMPLETED'
+                        THEN 'RUNNING' ELSE o.state END,
+                   n.state, n.attempt, n.reason, n.updated_at, 1
+            FROM updated AS n JOIN previous AS o ON o.id = n.id
+            WHERE n.state IS DISTINCT FROM o.state
+        ) AS transitions
+        ORDER BY run_id, step;
         RETURN NULL;
     END
     $$ LANGUAGE plpgsql
@@ -255,12 +267,40 @@ _PG_STATEMENT_TRIGGERS = [
 ]
 
 
+# SQLite's per-row transition trigger, with the same rule as PostgreSQL's:
+# a worker that finishes a short run before its RUNNING report is sent sends
+# only the COMPLETED one (one statement per batch instead of two), and the
+# history still shows the run RUNNING.
+_SQLITE_TRANSITION_TRIGGER = [
+    "DROP TRIGGER IF EXISTS bgtasks_runs_transition",
+    """
+    CREATE TRIGGER bgtasks_runs_transition AFTER UPDATE OF state ON bgtasks_runs
+    WHEN NEW.state IS NOT OLD.state BEGIN
+        INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+        SELECT NEW.id, OLD.state, 'RUNNING', NEW.attempt, NULL, NEW.updated_at
+        WHERE OLD.state = 'PENDING' AND NEW.state = 'COMPLETED';
+        INSERT INTO bgtasks_run_history (run_id, from_state, to_state, attempt, reason, at)
+        VALUES (
+            NEW.id,
+            CASE WHEN OLD.state = 'PENDING' AND NEW.state = 'COMPLETED'
+                 THEN 'RUNNING' ELSE OLD.state END,
+            NEW.state, NEW.attempt, NEW.reason, NEW.updated_at
+        );
+    END
+    """,
+]
+
+
 async def _migration_2(conn: AsyncConnection, dialect: str) -> None:
     """The hot path's schema: PostgreSQL's one-round-trip claim and history
-    per statement, and an index of waiting runs by due time (both)."""
+    per statement, a RUNNING step in the history of runs completed straight
+    from PENDING, and an index of waiting runs by due time."""
     if dialect == "postgresql":
         await conn.exec_driver_sql(_PG_CLAIM_FUNCTION)
         for ddl in _PG_STATEMENT_TRIGGERS:
+            await conn.exec_driver_sql(ddl)
+    else:
+        for ddl in _SQLITE_TRANSITION_TRIGGER:
             await conn.exec_driver_sql(ddl)
     await conn.exec_driver_sql(
         "CREATE INDEX IF NOT EXISTS bgtasks_runs_due ON bgtasks_runs (scheduled_at) "

@@ -109,6 +109,8 @@ async def test_a_completed_listed_before_its_running_still_goes_through_running(
 async def test_a_completed_report_for_a_pending_run_is_accepted_and_sets_started_at(
     store: Store,
 ) -> None:
+    """A worker sends only COMPLETED for a run that finished before its
+    RUNNING report left; the history still shows the run RUNNING."""
     [delivery] = await leased_runs(store, 1)
     assert await apply(store, report(delivery, "COMPLETED", result=[1, 2])) == ["accepted"]
     row = await fetch(store, delivery["id"])
@@ -116,7 +118,10 @@ async def test_a_completed_report_for_a_pending_run_is_accepted_and_sets_started
     assert row["result"] == [1, 2]
     assert row["started_at"] is not None and row["started_at"] == row["finished_at"]
     assert row["lease_expires_at"] is None and row["error"] is None
-    assert (await steps(store, delivery["id"]))[-1] == ("PENDING", "COMPLETED")
+    assert (await steps(store, delivery["id"]))[-2:] == [
+        ("PENDING", "RUNNING"),
+        ("RUNNING", "COMPLETED"),
+    ]
 
 
 async def test_a_completed_report_keeps_the_start_time_its_running_report_set(
@@ -157,7 +162,7 @@ async def test_a_completed_repeated_in_one_batch_is_a_duplicate_and_the_result_s
     assert await apply(store, done, done) == ["accepted", "duplicate"]
     row = await fetch(store, delivery["id"])
     assert row["state"] == "COMPLETED" and row["result"] == {"n": 1}
-    assert (await steps(store, delivery["id"])).count(("PENDING", "COMPLETED")) == 1
+    assert (await steps(store, delivery["id"])).count(("RUNNING", "COMPLETED")) == 1
 
 
 async def test_a_second_completed_with_another_result_in_one_batch_is_stale(

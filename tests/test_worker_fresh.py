@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from fastapi_bgtasks import BgTasks
-from fastapi_bgtasks.models import Delivery, Hello
+from fastapi_bgtasks.models import Delivery, Hello, Report
 from fastapi_bgtasks.worker.client import WorkerClient
-from fastapi_bgtasks.worker.runtime import Held, Worker, WorkerConfig
+from fastapi_bgtasks.worker.runtime import Held, Worker, WorkerConfig, _Pending
 from tests import timing
 from tests.harness.procs import Proc, start_app, start_worker
 
@@ -254,8 +254,9 @@ async def test_a_delivery_stamped_later_than_our_clock_allows_never_renews_in_th
 async def test_a_fresh_delivery_is_called_before_the_app_answers_its_running_report(
     worker: Worker, calls: Calls
 ) -> None:
-    """Nothing answers the reports here: the run still completes, its
-    RUNNING report queued ahead of its result."""
+    """Nothing answers the reports here: the run still completes. Its
+    RUNNING report, never sent, gives way to its result (the app records the
+    RUNNING step of a run completed from PENDING)."""
     asked = time.monotonic()
     connect(worker, asked_at=asked, clock=asked + 1e6)
     leased = delivery(leased_at=asked + 1e6)
@@ -264,12 +265,12 @@ async def test_a_fresh_delivery_is_called_before_the_app_answers_its_running_rep
             worker._runs = tg
             worker._receive(leased, tg)
             await calls.called.wait()
-            while len(worker._pending) < 2:
+            while not any(p.report.state == "COMPLETED" for p in worker._pending):
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
     assert calls.values == [7]
     queued = [(p.report.state, p.report.run_id, p.report.result) for p in worker._pending]
-    assert queued == [("RUNNING", leased.id, None), ("COMPLETED", leased.id, 7)]
+    assert queued == [("COMPLETED", leased.id, 7)]
 
 
 async def test_a_delivery_not_provably_fresh_waits_for_its_running_report_to_be_accepted(
@@ -344,3 +345,36 @@ def test_runs_started_by_a_real_worker_go_through_running_before_completed(
         history = httpx.get(f"{served}/tasks/runs/{run_id}/history", timeout=5).json()
         states = [t["to_state"] for t in history["transitions"]]
         assert states == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+
+
+def _running_and_final(d: Delivery) -> tuple[Report, Report]:
+    running = Report(run_id=d.id, lease_token=d.lease_token, state="RUNNING")
+    return running, Report(run_id=d.id, lease_token=d.lease_token, state="COMPLETED", result=1)
+
+
+async def test_an_unsent_running_report_gives_way_to_the_completed_one(worker: Worker) -> None:
+    d = delivery(leased_at=None)
+    running, final = _running_and_final(d)
+    worker._pending = [_Pending(running, None)]
+    worker._drop_unsent_running(final)
+    assert worker._pending == []
+
+
+async def test_a_running_report_being_sent_is_never_dropped(worker: Worker) -> None:
+    """The reports in flight are removed by position once the request
+    returns: taking one out from under it would drop another report."""
+    d = delivery(leased_at=None)
+    running, final = _running_and_final(d)
+    worker._pending = [_Pending(running, None)]
+    worker._in_flight = 1
+    worker._drop_unsent_running(final)
+    assert [p.report for p in worker._pending] == [running]
+
+
+async def test_a_running_report_of_another_lease_is_kept(worker: Worker) -> None:
+    d = delivery(leased_at=None)
+    running, final = _running_and_final(d)
+    other = final.model_copy(update={"lease_token": "another-lease"})
+    worker._pending = [_Pending(running, None)]
+    worker._drop_unsent_running(other)
+    assert [p.report for p in worker._pending] == [running]
