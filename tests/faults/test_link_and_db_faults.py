@@ -617,8 +617,10 @@ def test_r6_two_replicas_share_one_database(
     started.append(r2)
     port1 = int(base1.rsplit(":", 1)[1])
     ledger = tmp_path / "ledger.jsonl"
+    # No prefetch: a worker holds no more than it runs, so the three long
+    # runs below are all RUNNING at once (one worker cannot hoard them).
     workers = [
-        _worker(f"{base1}/tasks", private_db, tmp_path, name, concurrency=2)
+        _worker(f"{base1}/tasks", private_db, tmp_path, name, "--prefetch", "0", concurrency=2)
         for name in ("w1", "w2")
     ]
     started.extend(workers)
