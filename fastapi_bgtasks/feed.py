@@ -3,8 +3,10 @@ the app-side services that keep it prompt and honest (wake-ups, NOTIFY, the
 reaper).
 
 Feed events are deliveries: each `runs` event carries runs this worker now
-holds a lease on. A run claimed but not written before the stream closes is
-released at once, without spending an attempt.
+holds a lease on. A run claimed but never handed to the stream (the claim
+raced the reaper, or the stream closed first) is released at once, without
+spending an attempt; one handed to the stream is the worker's until its
+lease expires, since a fresh delivery starts without asking.
 """
 
 from __future__ import annotations
@@ -262,8 +264,12 @@ async def _deliveries(
                     wakeups.runs_added(None)
                     break
                 if unsent:
-                    yield _runs_event(unsent, leased_at)
+                    event = _runs_event(unsent, leased_at)
+                    # Handed to the stream, it may reach the worker even if
+                    # the write is cut short, and a fresh delivery starts at
+                    # once: from here its lease expires, it is never released.
                     unsent = []
+                    yield event
                     # No second claim now: this one took every due run or
                     # all the credit, and the events taken before it fire
                     # for anything since (new runs, freed credit).

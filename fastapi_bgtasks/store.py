@@ -436,7 +436,7 @@ def _clean_text(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Submit:
     """One submit waiting for its group commit."""
 
@@ -849,7 +849,14 @@ class Store:
             if self._flushing:
                 if self._flushed is None:
                     self._flushed = anyio.Event()
-                await self._flushed.wait()
+                try:
+                    await self._flushed.wait()
+                except BaseException:
+                    # Cancelled before a leader took it: it must not be
+                    # stored behind its caller's back by a later group.
+                    if item in self._submits:
+                        self._submits.remove(item)
+                    raise
                 continue
             self._flushing = True
             batch, self._submits = self._submits, []

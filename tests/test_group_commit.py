@@ -344,3 +344,60 @@ async def test_a_group_of_script_submits_on_postgresql_notifies_their_task_name(
             return any(TASK in payload.split(",") for payload in payloads)
 
         await eventually(grouped_named)
+
+
+async def test_a_caller_cancelled_while_its_submit_waits_for_the_next_group_stores_nothing(
+    store: Store, migrated: str
+) -> None:
+    """A submit queued behind an insert in flight, whose caller gives up
+    (a client that disconnected), must not be stored later by another
+    group: the caller saw an error and may well submit again."""
+    require_postgres(migrated)
+    _, task, _ = script_hub(migrated)
+    await task.delay(-1)  # the lazy store is open
+    scope = anyio.CancelScope()
+    outcome: dict[str, Any] = {}
+
+    async def leader() -> None:
+        outcome["leader"] = await task.delay(1)
+
+    async def follower() -> None:
+        with scope:
+            outcome["follower"] = await task.delay(2)
+
+    blocker = await asyncpg.connect(plain_dsn(migrated), timeout=10)
+    watcher = await asyncpg.connect(plain_dsn(migrated), timeout=10)
+    lock = blocker.transaction()
+    await lock.start()
+    locked = True
+    try:
+        await blocker.execute("LOCK TABLE bgtasks_runs IN SHARE ROW EXCLUSIVE MODE")
+        with anyio.fail_after(timing.DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leader)
+
+                async def held() -> bool:
+                    count = await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND wait_event_type = 'Lock' "
+                        "AND query LIKE 'WITH inserted AS%'"
+                    )
+                    return bool(count)
+
+                await eventually(held)  # the leader's insert waits on the lock
+                tg.start_soon(follower)
+                await anyio.sleep(0.05)  # the follower queues behind it
+                scope.cancel()
+                await anyio.sleep(0.05)
+                await lock.rollback()
+                locked = False
+        # A later submit leads a group of its own: the follower is not in it.
+        await task.delay(3)
+    finally:
+        if locked:
+            await lock.rollback()
+        await blocker.close()
+        await watcher.close()
+    assert "follower" not in outcome and "leader" in outcome
+    stored_args = sorted(row["args"][0] for row in (await stored_rows(store)).values())
+    assert stored_args == [-1, 1, 3]

@@ -148,6 +148,7 @@ class Worker:
         self._limiter = anyio.CapacityLimiter(config.concurrency)
         self._pending: list[_Pending] = []
         self._in_flight = 0  # the first reports of _pending, being sent now
+        self._flush_lock = anyio.Lock()
         self._pending_event = anyio.Event()
         self._draining = anyio.Event()
         self._feed_scope = anyio.CancelScope()
@@ -583,7 +584,13 @@ class Worker:
                 await anyio.sleep(0.2)
 
     async def _flush_once(self) -> bool:
-        """Send what is queued, oldest first; on failure keep it queued."""
+        """Send what is queued, oldest first; on failure keep it queued.
+        One flush at a time (the reporter's and the final one at shutdown):
+        a sent batch is removed from the queue by position."""
+        async with self._flush_lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> bool:
         assert self.client is not None
         delay = 0.1
         while self._pending:
