@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -348,6 +348,14 @@ class BgTasks:
             priority=priority,
         )
         return TaskRun(document, self, task)
+
+    async def submit_map(
+        self, task: Task[Any, Any], iterables: Sequence[Iterable[Any]], static: dict[str, Any]
+    ) -> list[TaskRun]:
+        """`task.map` and `submit.map`: one run per item of zip(*iterables)."""
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of arguments")
+        return await self.submit_many(task, [(a, static) for a in zip(*iterables, strict=True)])
 
     async def submit_many(
         self, task: Task[Any, Any], calls: Sequence[tuple[Sequence[Any], dict[str, Any]]]

@@ -394,42 +394,40 @@ def _row(row: Any) -> dict[str, Any]:
     return data
 
 
-def _stored_size(value: Any) -> int | None:
-    """UTF-8 bytes of a value as stored JSON, or None if JSON cannot carry it
-    (NaN, an infinity, a lone surrogate): one serialisation per report."""
-    try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return len(text.encode())
-    except ValueError:  # incl. UnicodeEncodeError
-        return None
-
-
 def _new_row(params: dict[str, Any], returned: Any) -> dict[str, Any]:
-    """The row a plain submit stored: its parameters and what the database set."""
+    """The row a submit stored: what it sent and what the database set (the
+    id comes back too, to match rows of a multi-row insert)."""
     created_at = _utc(returned.created_at)
     return {
         "id": returned.id, "task": params["task"], "state": S.SCHEDULED.value, "attempt": 0,
         "max_attempts": params["max_attempts"], "rescues": 0,
         "max_rescues": params["max_rescues"], "retry_delays": params["retry_delays"],
-        "timeout_seconds": params["timeout_seconds"], "priority": params["priority"],
+        "timeout_seconds": params["timeout_seconds"], "priority": params.get("priority", 0),
         "args": params["args"], "kwargs": params["kwargs"], "result": None, "error": None,
         "created_at": created_at, "scheduled_at": _utc(returned.scheduled_at),
         "started_at": None, "finished_at": None, "updated_at": created_at, "worker_id": None,
         "lease_token": None, "lease_expires_at": None,
-        "idempotency_key": params["idempotency_key"], "cancel_requested": False, "reason": None,
+        "idempotency_key": params.get("idempotency_key"), "cancel_requested": False,
+        "reason": None,
     }  # fmt: skip
 
 
 def _stored_text(value: Any) -> str | None:
-    """A result as the JSON text to store, or None if JSON cannot carry it
-    (NaN, an infinity, a lone surrogate): the one serialisation of a report."""
+    """A result as the JSON text to store (non-ASCII kept; JSON escapes
+    control characters, NUL included, so PostgreSQL text can hold it), or
+    None if JSON cannot carry it (NaN, an infinity, a lone surrogate)."""
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         text.encode()
     except ValueError:  # incl. UnicodeEncodeError
         return None
-    # PostgreSQL text cannot hold NUL; JSON's escape of it can.
-    return text if "\x00" not in text else json.dumps(value, separators=(",", ":"))
+    return text
+
+
+def _stored_size(value: Any) -> int | None:
+    """UTF-8 bytes of a result as stored, or None if JSON cannot carry it."""
+    text = _stored_text(value)
+    return None if text is None else len(text.encode())
 
 
 def _clean_text(value: str) -> str:
@@ -770,7 +768,7 @@ class Store:
             "timeout": timeout_seconds,
         }
         statement = self._insert_many_statement()
-        stamps: dict[uuid.UUID, Any] = {}
+        returned: dict[uuid.UUID, Any] = {}
         async with self._write() as conn:
             for start in range(0, len(calls), MAP_CHUNK):
                 chunk = range(start, min(start + MAP_CHUNK, len(calls)))
@@ -778,28 +776,22 @@ class Store:
                 params = {**common, "batch": json.dumps(batch, separators=(",", ":"))}
                 if not self.is_pg:
                     params["now"] = datetime.now(UTC)
-                for row in await conn.execute(statement, params):
-                    stamps[row.id] = (_utc(row.created_at), _utc(row.scheduled_at))
+                returned.update((row.id, row) for row in await conn.execute(statement, params))
             if notify and self.is_pg:
                 await conn.execute(
                     sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("task", task)))
                 )
-        rows = []
-        for run_id, (args, kwargs) in zip(ids, calls, strict=True):
-            created_at, scheduled_at = stamps[run_id]
-            rows.append(
-                {
-                    "id": run_id, "task": task, "state": S.SCHEDULED.value, "attempt": 0,
-                    "max_attempts": max_attempts, "rescues": 0, "max_rescues": max_rescues,
-                    "retry_delays": retry_delays, "timeout_seconds": timeout_seconds,
-                    "priority": 0, "args": args, "kwargs": kwargs, "result": None,
-                    "error": None, "created_at": created_at, "scheduled_at": scheduled_at,
-                    "started_at": None, "finished_at": None, "updated_at": created_at,
-                    "worker_id": None, "lease_token": None, "lease_expires_at": None,
-                    "idempotency_key": None, "cancel_requested": False, "reason": None,
-                }
-            )  # fmt: skip
-        return rows
+        sent = {
+            "task": task,
+            "max_attempts": max_attempts,
+            "max_rescues": max_rescues,
+            "retry_delays": retry_delays,
+            "timeout_seconds": timeout_seconds,
+        }
+        return [
+            _new_row({**sent, "args": args, "kwargs": kwargs}, returned[run_id])
+            for run_id, (args, kwargs) in zip(ids, calls, strict=True)
+        ]
 
     def _insert_many_statement(self) -> Any:
         statement = self._statements.get("insert_many")

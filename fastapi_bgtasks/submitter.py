@@ -24,11 +24,7 @@ from .errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from .models import (
-    MapResponse,
-    RunDocument,
-    document_from_row,
-)
+from .models import MAX_MAP_CALLS, MapResponse, RunDocument, document_from_row
 from .taskrun import TaskRun
 
 if TYPE_CHECKING:
@@ -77,10 +73,7 @@ class Submitter:
         self, task: Task[Any, Any], /, *iterables: Iterable[Any], **static: Any
     ) -> list[TaskRun]:
         """Many runs of `task` at once, stored together or not at all (see `Task.map`)."""
-        if not iterables:
-            raise TypeError("map() needs at least one iterable of arguments")
-        calls = [(args, static) for args in zip(*iterables, strict=True)]
-        return await self.hub.submit_many(task, calls)
+        return await self.hub.submit_map(task, iterables, static)
 
 
 class Route(Protocol):
@@ -251,6 +244,11 @@ class HttpRoute:
     async def submit_many(
         self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
     ) -> list[RunDocument]:
+        if len(calls) > MAX_MAP_CALLS:
+            raise PayloadTooLarge(
+                f"A map over HTTP takes at most {MAX_MAP_CALLS} calls (POST /runs/batch), "
+                f"not {len(calls)}: split the items. Nothing was stored."
+            )
         body = {"task": task.name, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
         response = await self._request("POST", "/runs/batch", json=body)
         return MapResponse.model_validate_json(response.content).runs

@@ -296,9 +296,7 @@ class Task(Generic[P, R]):
         each other), `static` keyword arguments go to every run. Every call
         is validated before anything is stored; then all runs are stored in
         one transaction, or none."""
-        if not iterables:
-            raise TypeError("map() needs at least one iterable of arguments")
-        return await self.hub.submit_many(self, [(a, static) for a in zip(*iterables, strict=True)])
+        return await self.hub.submit_map(self, iterables, static)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
         """`delay` for synchronous code: a sync route, a script, a sync task."""

@@ -6,7 +6,7 @@ real, fresh database. One behaviour per test."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -57,6 +57,33 @@ def require_postgres(url: str) -> None:
 
 def plain_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@asynccontextmanager
+async def runs_table_locked(
+    url: str,
+) -> AsyncIterator[tuple[asyncpg.Connection, Callable[[], Awaitable[None]]]]:
+    """The runs table locked from another connection (inserts wait on it),
+    a connection to watch who waits, and the call that releases the lock."""
+    blocker = await asyncpg.connect(plain_dsn(url), timeout=10)
+    watcher = await asyncpg.connect(plain_dsn(url), timeout=10)
+    lock = blocker.transaction()
+    await lock.start()
+    held = True
+
+    async def release() -> None:
+        nonlocal held
+        if held:
+            held = False
+            await lock.rollback()
+
+    try:
+        await blocker.execute("LOCK TABLE bgtasks_runs IN SHARE ROW EXCLUSIVE MODE")
+        yield watcher, release
+    finally:
+        await release()
+        await blocker.close()
+        await watcher.close()
 
 
 async def insert(store: Store, n: int, task: str = TASK, **options: Any) -> dict[str, Any]:
@@ -236,13 +263,7 @@ async def test_cancelling_the_caller_whose_insert_carries_a_group_still_stores_t
         found: int = await eventually(pid)
         return found
 
-    blocker = await asyncpg.connect(plain_dsn(migrated), timeout=10)
-    watcher = await asyncpg.connect(plain_dsn(migrated), timeout=10)
-    lock = blocker.transaction()
-    await lock.start()
-    locked = True
-    try:
-        await blocker.execute("LOCK TABLE bgtasks_runs IN SHARE ROW EXCLUSIVE MODE")
+    async with runs_table_locked(migrated) as (watcher, release):
         with anyio.fail_after(timing.DEADLINE):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(caller, 0)
@@ -257,13 +278,7 @@ async def test_cancelling_the_caller_whose_insert_carries_a_group_still_stores_t
                 # Cancel the first half: the caller running that INSERT is among them.
                 for n in range(1, count // 2):
                     scopes[n].cancel()
-                await lock.rollback()
-                locked = False
-    finally:
-        if locked:
-            await lock.rollback()
-        await blocker.close()
-        await watcher.close()
+                await release()
     assert set(errors) <= {0}
     kept = set(range(count // 2, count))
     assert kept <= set(answers)
@@ -365,13 +380,7 @@ async def test_a_caller_cancelled_while_its_submit_waits_for_the_next_group_stor
         with scope:
             outcome["follower"] = await task.delay(2)
 
-    blocker = await asyncpg.connect(plain_dsn(migrated), timeout=10)
-    watcher = await asyncpg.connect(plain_dsn(migrated), timeout=10)
-    lock = blocker.transaction()
-    await lock.start()
-    locked = True
-    try:
-        await blocker.execute("LOCK TABLE bgtasks_runs IN SHARE ROW EXCLUSIVE MODE")
+    async with runs_table_locked(migrated) as (watcher, release):
         with anyio.fail_after(timing.DEADLINE):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(leader)
@@ -389,15 +398,9 @@ async def test_a_caller_cancelled_while_its_submit_waits_for_the_next_group_stor
                 await anyio.sleep(0.05)  # the follower queues behind it
                 scope.cancel()
                 await anyio.sleep(0.05)
-                await lock.rollback()
-                locked = False
+                await release()
         # A later submit leads a group of its own: the follower is not in it.
         await task.delay(3)
-    finally:
-        if locked:
-            await lock.rollback()
-        await blocker.close()
-        await watcher.close()
     assert "follower" not in outcome and "leader" in outcome
     stored_args = sorted(row["args"][0] for row in (await stored_rows(store)).values())
     assert stored_args == [-1, 1, 3]

@@ -372,6 +372,21 @@ async def test_a_hub_given_the_apps_url_maps_through_the_api(
             assert response.json()["args"] == run.document.args
 
 
+async def test_a_map_over_http_of_more_calls_than_one_request_takes_is_refused_before_sending(
+    served: tuple[str, str], tmp_path: Path
+) -> None:
+    """POST /runs/batch takes at most MAX_MAP_CALLS: the caller gets a named
+    error saying to split, not a bare 422, and nothing is stored."""
+    base, _ = served
+    hub = make_hub(f"sqlite+aiosqlite:///{tmp_path}/absent.db", url=f"{base}/tasks")
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        before = (await http.get("/tasks/runs", params={"limit": 1})).json()
+        with pytest.raises(PayloadTooLarge, match="split"):
+            await task_of(hub, "add").map(range(MAX_MAP_CALLS + 1), range(MAX_MAP_CALLS + 1))
+        after = (await http.get("/tasks/runs", params={"limit": 1})).json()
+    assert after == before
+
+
 async def test_a_map_over_http_of_a_task_the_app_does_not_know_raises_task_not_found(
     served: tuple[str, str], tmp_path: Path
 ) -> None:

@@ -125,6 +125,12 @@ class _Pending:
     report: Report
     on_outcome: Callable[[str], None] | None
     replaced: bool = False
+    # Serialised once: the batch budget measures these bytes and the
+    # request body is made of them.
+    encoded: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoded = self.report.model_dump_json().encode()
 
 
 class Worker:
@@ -597,7 +603,7 @@ class Worker:
             batch = self._next_batch()
             self._in_flight = len(batch)
             try:
-                outcomes = await self.client.post_reports([p.report for p in batch])
+                outcomes = await self.client.post_reports([p.encoded for p in batch])
             except AccessDenied as exc:
                 log.error("Reports refused: %s", exc)
                 return False
@@ -654,8 +660,7 @@ class Worker:
         batch: list[_Pending] = []
         used = 0
         for pending in self._pending[: min(MAX_BATCH, self._batch_cap)]:
-            # Bytes as sent: the client posts this same JSON, UTF-8 encoded.
-            size = len(pending.report.model_dump_json().encode()) + 1
+            size = len(pending.encoded) + 1  # the very bytes sent, and a comma
             if batch and used + size > budget:
                 break
             batch.append(pending)
