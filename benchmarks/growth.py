@@ -143,7 +143,7 @@ async def _timed_claims(store: Store, count: int) -> list[float]:
     """Seconds per one-run claim by one worker. Each claimed run is then
     completed (untimed), as its worker would: the slot is free for the next
     claim and no lease lingers to inflate the next claim's count of held runs."""
-    from fastapi_bgtasks.models import Report
+    from fastapi_bgtasks.wire import Report
 
     worker_id = f"w7-{uuid.uuid4().hex[:12]}"
     timings = []

@@ -4,7 +4,6 @@
 `bg.app`, run `python -m fastapi_bgtasks.worker`. See docs/ for the rest.
 """
 
-from .app import BgTasks
 from .errors import (
     AccessDenied,
     BgTasksError,
@@ -26,10 +25,12 @@ from .errors import (
     TaskNotFound,
     TaskRunFailed,
 )
-from .models import RunDocument, RunState
-from .submitter import Submitter
+from .hub import BgTasks
+from .states import RunState
+from .submit import Submitter
 from .taskrun import TaskRun
 from .tasks import Task
+from .wire import RunDocument
 from .worker.context import cancelled, current_run
 
 __all__ = [

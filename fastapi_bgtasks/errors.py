@@ -16,6 +16,7 @@ default message and `status_code` / `code` say how the mounted API answers it::
     │   └── IdempotencyConflict 409 an idempotency key reused with other arguments
     ├── InvalidValue          422 a value the database refuses (a NUL character, ...)
     ├── InvalidName           422 a task name or worker id that is not printable text
+    ├── InvalidCursor         422 a `GET /runs` cursor this API did not return
     ├── RunNotFound           404 no run has that id (or the caller may not see it)
     ├── RunFinished           409 the run already reached a terminal state
     ├── AccessDenied          401 a missing or wrong credential
@@ -25,6 +26,10 @@ default message and `status_code` / `code` say how the mounted API answers it::
 
 Bad arguments raise pydantic's own `ValidationError` (a 422 over HTTP), so
 callers handle them the way they handle any pydantic model.
+
+`ERRORS` is the table both directions read: the mounted API answers an
+exception with its `status_code` and `code`, and the HTTP client turns an
+error body back into the same class with `from_response`.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ERRORS",
     "AccessDenied",
     "BgTasksError",
     "ConfigurationError",
     "DuplicateTaskName",
     "IdempotencyConflict",
+    "InvalidCursor",
     "InvalidName",
     "InvalidSchedule",
     "InvalidValue",
@@ -51,6 +58,7 @@ __all__ = [
     "SubmitError",
     "TaskNotFound",
     "TaskRunFailed",
+    "from_response",
 ]
 
 
@@ -152,6 +160,13 @@ class InvalidName(BgTasksError):
     code = "invalid_name"
 
 
+class InvalidCursor(BgTasksError):
+    """The cursor is not one this API returned."""
+
+    status_code = 422
+    code = "invalid_cursor"
+
+
 class RunNotFound(BgTasksError):
     """No run has this id."""
 
@@ -216,3 +231,34 @@ class TaskRunFailed(BgTasksError):
             f"Task run {run_id} ended {state_name}: "
             f"{error_type or 'no error'}: {error_message or ''}"
         )
+
+
+def _table() -> dict[str, type[BgTasksError]]:
+    found: dict[str, type[BgTasksError]] = {}
+    pending: list[type[BgTasksError]] = [BgTasksError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__ == __name__ and cls not in (BgTasksError, RemoteError, TaskRunFailed):
+            found[cls.code] = cls
+    return dict(sorted(found.items()))
+
+
+ERRORS: dict[str, type[BgTasksError]] = _table()
+"""Every error the mounted API can answer with, by its `code`."""
+
+
+def from_response(status_code: int, body: Any, url: str) -> BgTasksError:
+    """The exception an error response stands for: the class its `error` code
+    names when the status agrees, else `RemoteError` with what was said."""
+    if not isinstance(body, dict):
+        body = {"message": str(body)[:200]}
+    cls = ERRORS.get(str(body.get("error", "")))
+    if cls is not None and cls.status_code == status_code:
+        message = body.get("message")
+        return cls(message if isinstance(message, str) else None, detail=body.get("detail"))
+    if status_code == 413:
+        return PayloadTooLarge(str(body.get("message") or "") or None)
+    if status_code == 503:
+        return StoreUnavailable(str(body.get("message") or "") or None)
+    return RemoteError(status_code, body, url)

@@ -1,4 +1,4 @@
-"""`TaskRun`: the caller's handle on a submitted run (the seed's "future").
+"""`TaskRun`: the caller's handle on a submitted run (Prefect's "future").
 
 It reads the run through whichever route submitted it (the store in the app,
 HTTP elsewhere), so `wait()` and `result()` work the same in a route, a
@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from .errors import TaskRunFailed
-from .models import RunDocument, RunState
+from .states import RunState
+from .wire import RunDocument
 
 if TYPE_CHECKING:
     from .tasks import Task

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -26,18 +27,129 @@ from pydantic import (
 )
 from pydantic_core import PydanticSerializationError
 
-from .errors import ConfigurationError, NotSerializable, PayloadTooLarge
+from .errors import (
+    ConfigurationError,
+    DuplicateTaskName,
+    NotSerializable,
+    PayloadTooLarge,
+    TaskNotFound,
+)
 
 if TYPE_CHECKING:
-    from .app import BgTasks
+    import asyncio
+
     from .taskrun import TaskRun
 
-__all__ = ["Task", "TaskOptions"]
+__all__ = ["Dispatcher", "Task", "TaskOptions", "TaskRegistry"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 OnWorkerLost = Literal["retry", "fail"]
+
+
+class Dispatcher(Protocol):
+    """What a task's `delay`, `map`, `delay_sync` and `serve` call on: the
+    hub, which knows where this process's submissions go."""
+
+    async def submit(
+        self,
+        task: Task[Any, Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+    ) -> TaskRun: ...
+
+    async def submit_map(
+        self, task: Task[Any, Any], iterables: Sequence[Iterable[Any]], static: dict[str, Any]
+    ) -> list[TaskRun]: ...
+
+    def submit_sync(
+        self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> TaskRun: ...
+
+    def serve(self, *tasks: Task[Any, Any], url: str | None = None, **options: Any) -> None: ...
+
+
+class RemoteRoute(Protocol):
+    """Where a worker sends what its tasks submit: the app that feeds it."""
+
+    async def aclose(self) -> None: ...
+
+
+class TaskRegistry:
+    """The tasks of one hub by name, and the limits every task's calls obey.
+
+    A worker finds tasks here (never through the hub) and, while it serves
+    them, sets `worker_route` and `worker_loop`: what its tasks submit goes
+    back over HTTP to the app that feeds it.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        max_args_bytes: int,
+        max_result_bytes: int,
+        max_rescues: int,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.max_args_bytes = max_args_bytes
+        self.max_result_bytes = max_result_bytes
+        self.max_rescues = max_rescues
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.worker_route: RemoteRoute | None = None
+        self.worker_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<TaskRegistry tasks={sorted(self.tasks)}>"
+
+    def add(self, fn: Callable[P, R], name: str | None, options: TaskOptions) -> Task[P, R]:
+        """Register `fn` under `name` (default: its `__name__`)."""
+        if isinstance(fn, Task):
+            fn = fn.fn
+        task_name = name or getattr(fn, "__name__", None)
+        if not task_name or len(task_name) > 200 or not task_name.isprintable():
+            raise ConfigurationError(f"Invalid task name {task_name!r}")
+        task = Task(fn, registry=self, name=task_name, options=options)
+        existing = self.tasks.get(task_name)
+        if existing is not None and not _same_function(existing.fn, fn):
+            raise DuplicateTaskName(
+                f"Task name {task_name!r} is taken by {_where(existing.fn)}; "
+                f"cannot also register {_where(fn)}. Pass name=... to one of them."
+            )
+        self.tasks[task_name] = task
+        return task
+
+    def get(self, name: str) -> Task[Any, Any]:
+        """The task of that name, or `TaskNotFound`."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise TaskNotFound(f"No task named {name!r} is registered.") from None
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """The same function re-registered: a module also run as __main__, or reloaded."""
+    if a is b:
+        return True
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (
+        getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+        and code_a is not None
+        and code_b is not None
+        and os.path.realpath(code_a.co_filename) == os.path.realpath(code_b.co_filename)
+    )
+
+
+def _where(fn: Callable[..., Any]) -> str:
+    code = getattr(fn, "__code__", None)
+    location = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)!s}{location}"
 
 
 class TaskOptions(BaseModel):
@@ -126,14 +238,14 @@ class Task(Generic[P, R]):
         self,
         fn: Callable[P, R],
         *,
-        hub: BgTasks,
+        registry: TaskRegistry,
         name: str,
         options: TaskOptions,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"@task needs a function, got {fn!r}")
         self.fn = fn
-        self.hub = hub
+        self.registry = registry
         self.name = name
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -165,7 +277,7 @@ class Task(Generic[P, R]):
             return 0
         if self.options.max_rescues is not None:
             return self.options.max_rescues
-        return self.hub.max_rescues
+        return self.registry.max_rescues
 
     # -- arguments -------------------------------------------------------
 
@@ -203,10 +315,10 @@ class Task(Generic[P, R]):
                 f"Arguments of task {self.name!r} hold NaN or an infinity, which JSON cannot carry."
             ) from exc
         size = len(encoded)
-        if size > self.hub.max_args_bytes:
+        if size > self.registry.max_args_bytes:
             raise PayloadTooLarge(
                 f"Arguments of task {self.name!r} are {size} bytes as JSON; "
-                f"the limit is {self.hub.max_args_bytes} (max_args_bytes)."
+                f"the limit is {self.registry.max_args_bytes} (max_args_bytes)."
             )
         return json_args, json_kwargs
 
@@ -265,7 +377,7 @@ class Task(Generic[P, R]):
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
         """Store a run of this task for a worker, and return it SCHEDULED."""
-        return await self.hub.submit(self, args, kwargs)
+        return await self.registry.dispatcher.submit(self, args, kwargs)
 
     async def apply_async(
         self,
@@ -280,7 +392,7 @@ class Task(Generic[P, R]):
         """`delay` with scheduling: `countdown` seconds or an aware `eta`, an
         idempotency key (a repeat returns the stored run), and a priority
         (higher runs first)."""
-        return await self.hub.submit(
+        return await self.registry.dispatcher.submit(
             self,
             tuple(args),
             dict(kwargs or {}),
@@ -296,12 +408,12 @@ class Task(Generic[P, R]):
         each other), `static` keyword arguments go to every run. Every call
         is validated before anything is stored; then all runs are stored in
         one transaction, or none."""
-        return await self.hub.submit_map(self, iterables, static)
+        return await self.registry.dispatcher.submit_map(self, iterables, static)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
         """`delay` for synchronous code: a sync route, a script, a sync task."""
-        return self.hub.submit_sync(self, args, kwargs)
+        return self.registry.dispatcher.submit_sync(self, args, kwargs)
 
     def serve(self, url: str | None = None, **options: Any) -> None:
         """Run a worker for this task in this process until interrupted."""
-        self.hub.serve(self, url=url, **options)
+        self.registry.dispatcher.serve(self, url=url, **options)

@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import sqlalchemy as sa
 
-from fastapi_bgtasks.models import Report
 from fastapi_bgtasks.store import Store, runs
+from fastapi_bgtasks.wire import Report
 from tests import timing
 
 

@@ -26,8 +26,8 @@ from fastapi_bgtasks import (
     Task,
     TaskNotFound,
 )
-from fastapi_bgtasks.models import MAX_MAP_CALLS
 from fastapi_bgtasks.store import MAP_CHUNK, NOTIFY_CHANNEL, Store, runs
+from fastapi_bgtasks.wire import MAX_MAP_CALLS
 from tests import timing
 from tests.storekit import eventually, stored_rows
 

@@ -12,8 +12,8 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
-from fastapi_bgtasks.models import ErrorInfo
 from fastapi_bgtasks.store import Store, runs
+from fastapi_bgtasks.wire import ErrorInfo
 from tests.storekit import apply, fetch, report, submit_run
 
 pytestmark = pytest.mark.anyio

@@ -14,16 +14,15 @@ import sqlalchemy as sa
 
 from fastapi_bgtasks import BgTasks
 from fastapi_bgtasks.errors import IdempotencyConflict, RunFinished, RunNotFound, SchemaError
-from fastapi_bgtasks.models import ErrorInfo, RunState
+from fastapi_bgtasks.states import RunState
 from fastapi_bgtasks.store import (
     SCHEMA_VERSION,
     Store,
-    decode_cursor,
-    encode_cursor,
     runs,
     schema_table,
 )
-from fastapi_bgtasks.submitter import StoreRoute
+from fastapi_bgtasks.submit import StoreRoute
+from fastapi_bgtasks.wire import ErrorInfo, decode_cursor, encode_cursor
 from tests.storekit import apply, eventually, fetch, report, submit_run
 
 pytestmark = pytest.mark.anyio
@@ -262,7 +261,7 @@ async def test_an_idempotency_key_reused_with_other_arguments_is_a_conflict(
     def add(a: int, b: int) -> int:
         return a + b
 
-    route = StoreRoute(hub, store, None)
+    route = StoreRoute(store, None)
     options: dict[str, Any] = {"countdown": None, "eta": None, "priority": 0}
     first, created = await route.submit_row(add, [1, 2], {}, idempotency_key="k", **options)
     assert created

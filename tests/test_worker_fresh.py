@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from fastapi_bgtasks import BgTasks
-from fastapi_bgtasks.models import Delivery, Hello, Report
+from fastapi_bgtasks.wire import Delivery, Hello, Report
 from fastapi_bgtasks.worker.client import WorkerClient
 from fastapi_bgtasks.worker.runtime import Held, Worker, WorkerConfig, _Pending
 from tests import timing

@@ -17,9 +17,8 @@ from typing import Any
 
 import anyio
 
-from ..app import BgTasks
 from ..errors import AccessDenied, BgTasksError
-from ..tasks import Task
+from ..tasks import Task, TaskRegistry
 from .runtime import WorkerConfig, configure_logging, run_worker
 
 log = logging.getLogger("fastapi_bgtasks.worker")
@@ -75,11 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_hub(specs: list[str]) -> tuple[BgTasks, list[str]]:
-    """Import each MODULE[:ATTR]; return the one hub and the tasks named by ATTR."""
+def _registry_of(obj: Any) -> TaskRegistry | None:
+    """The registry a hub or a task belongs to (a hub is known by its
+    `registry`: the worker never imports the hub's module)."""
+    if isinstance(obj, Task):
+        return obj.registry
+    registry = getattr(obj, "registry", None)
+    return registry if isinstance(registry, TaskRegistry) else None
+
+
+def find_registry(specs: list[str]) -> tuple[TaskRegistry, list[str]]:
+    """Import each MODULE[:ATTR]; return the one registry of tasks (a hub's)
+    and the tasks named by ATTR."""
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    hubs: list[BgTasks] = []
+    registries: list[TaskRegistry] = []
     named: list[str] = []
     for spec in specs:
         module_name, _, attr = spec.partition(":")
@@ -87,29 +96,27 @@ def find_hub(specs: list[str]) -> tuple[BgTasks, list[str]]:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise SystemExit(f"error: cannot import {module_name!r}: {exc}") from exc
-        found: list[Any]
+        found: list[TaskRegistry]
         if attr:
             obj: Any = module
             for part in attr.split("."):
                 obj = getattr(obj, part, None)
-            if isinstance(obj, BgTasks):
-                found = [obj]
-            elif isinstance(obj, Task):
-                found = [obj.hub]
-                named.append(obj.name)
-            else:
+            registry = _registry_of(obj)
+            if registry is None:
                 raise SystemExit(f"error: {spec} is neither a BgTasks hub nor a task")
+            found = [registry]
+            if isinstance(obj, Task):
+                named.append(obj.name)
         else:
-            found = [v for v in vars(module).values() if isinstance(v, BgTasks)]
-            found += [v.hub for v in vars(module).values() if isinstance(v, Task)]
-        for hub in found:
-            if not any(hub is h for h in hubs):
-                hubs.append(hub)
-    if not hubs:
+            found = [r for r in map(_registry_of, vars(module).values()) if r is not None]
+        for registry in found:
+            if not any(registry is r for r in registries):
+                registries.append(registry)
+    if not registries:
         raise SystemExit(f"error: no BgTasks hub or task found in {', '.join(specs)}")
-    if len(hubs) > 1:
+    if len(registries) > 1:
         raise SystemExit("error: several hubs found; name one as MODULE:ATTR")
-    return hubs[0], named
+    return registries[0], named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url:
         print("error: pass --url (the mounted task API) or set BGTASKS_URL", file=sys.stderr)
         return 2
-    hub, named = find_hub(args.modules)
-    names = args.tasks or named or sorted(hub.tasks)
+    registry, named = find_registry(args.modules)
+    names = args.tasks or named or sorted(registry.tasks)
     try:
         config = WorkerConfig(
             url=args.url,
@@ -127,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             prefetch=args.prefetch,
             grace_seconds=args.grace_seconds,
-            max_result_bytes=hub.max_result_bytes,
+            max_result_bytes=registry.max_result_bytes,
         )
-        anyio.run(run_worker, hub, names, config)
+        anyio.run(run_worker, registry, names, config)
     except AccessDenied:
         return 1
     except BgTasksError as exc:

@@ -15,7 +15,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from ..errors import AccessDenied, RemoteError
-from ..models import Delivery, HeartbeatResponse, Hello, ReportOutcomes
+from ..wire import Delivery, HeartbeatResponse, Hello, ReportOutcomes
 
 __all__ = ["FeedEvent", "WorkerClient"]
 

@@ -30,6 +30,7 @@ import httpx
 from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
+from ..client import HttpRoute
 from ..errors import (
     AccessDenied,
     BgTasksError,
@@ -37,14 +38,12 @@ from ..errors import (
     NotSerializable,
     RemoteError,
 )
-from ..models import Delivery, ErrorInfo, Report, ReportState
-from ..submitter import HttpRoute
+from ..wire import Delivery, ErrorInfo, Report, ReportState
 from .client import WorkerClient
 from .context import RunContext, _current
 
 if TYPE_CHECKING:
-    from ..app import BgTasks
-    from ..tasks import Task
+    from ..tasks import Task, TaskRegistry
 
 __all__ = ["Worker", "WorkerConfig", "configure_logging", "run_worker"]
 
@@ -134,16 +133,16 @@ class _Pending:
 
 
 class Worker:
-    def __init__(self, hub: BgTasks, task_names: list[str], config: WorkerConfig) -> None:
-        missing = [n for n in task_names if n not in hub.tasks]
+    def __init__(self, registry: TaskRegistry, task_names: list[str], config: WorkerConfig) -> None:
+        missing = [n for n in task_names if n not in registry.tasks]
         if missing:
             raise ConfigurationError(
-                f"No task named {', '.join(map(repr, missing))} is registered on {hub!r}."
+                f"No task named {', '.join(map(repr, missing))} is registered on {registry!r}."
             )
         if not task_names:
-            raise ConfigurationError(f"{hub!r} has no tasks to serve.")
-        self.hub = hub
-        self.tasks: dict[str, Task[Any, Any]] = {n: hub.tasks[n] for n in task_names}
+            raise ConfigurationError(f"{registry!r} has no tasks to serve.")
+        self.registry = registry
+        self.tasks: dict[str, Task[Any, Any]] = {n: registry.tasks[n] for n in task_names}
         self.config = config
         self.worker_id = make_worker_id()
         self.held: dict[uuid.UUID, Held] = {}
@@ -178,10 +177,12 @@ class Worker:
         """Serve until drained (signal or `drain()`), or a fatal refusal."""
         client = WorkerClient(self.config.url, self.config.token, self.worker_id, timeout=10.0)
         self.client = client
-        self.hub.worker_route = HttpRoute(self.config.url, self.config.token, client=client.http)
+        self.registry.worker_route = HttpRoute(
+            self.config.url, self.config.token, client=client.http
+        )
         import asyncio
 
-        self.hub.worker_loop = asyncio.get_running_loop()
+        self.registry.worker_loop = asyncio.get_running_loop()
         try:
             async with anyio.create_task_group() as tg:
                 if self.config.handle_signals:
@@ -204,8 +205,8 @@ class Worker:
                 reporter_scope.cancel()
                 tg.cancel_scope.cancel()
         finally:
-            self.hub.worker_route = None
-            self.hub.worker_loop = None
+            self.registry.worker_route = None
+            self.registry.worker_loop = None
             with anyio.CancelScope(shield=True):
                 await client.aclose()
         if self.fatal is not None:
@@ -815,5 +816,5 @@ def configure_logging(level: str | int = "INFO") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-async def run_worker(hub: BgTasks, task_names: list[str], config: WorkerConfig) -> None:
-    await Worker(hub, task_names, config).run()
+async def run_worker(registry: TaskRegistry, task_names: list[str], config: WorkerConfig) -> None:
+    await Worker(registry, task_names, config).run()

@@ -60,7 +60,7 @@ def hub_state() -> dict[str, Any]:
         "open_feeds": sum(running.open_feeds.values()),
         "open_streams": running.open_streams,
         "checked_out": sum(counts) if counts and None not in counts else None,
-        "pool_size": bg.pool_size,
-        "max_feeds": bg.max_feeds,
-        "max_streams": bg.max_streams,
+        "pool_size": bg.settings.pool_size,
+        "max_feeds": bg.settings.max_feeds,
+        "max_streams": bg.settings.max_streams,
     }

@@ -958,7 +958,7 @@ CODE_NAMES = [
     "os.system",
     "tests.tasks:__import__",
     "tests.faults.test_security:echo",
-    "fastapi_bgtasks.app:BgTasks",
+    "fastapi_bgtasks.hub:BgTasks",
     "builtins.eval",
     "__import__",
     "eval",

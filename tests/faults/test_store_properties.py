@@ -38,9 +38,10 @@ from hypothesis.stateful import (
 )
 
 from fastapi_bgtasks.errors import RunFinished, StoreUnavailable
-from fastapi_bgtasks.models import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS, ErrorInfo, Report
-from fastapi_bgtasks.models import RunState as S
+from fastapi_bgtasks.states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
+from fastapi_bgtasks.states import RunState as S
 from fastapi_bgtasks.store import Store, history, runs
+from fastapi_bgtasks.wire import ErrorInfo, Report
 from tests import timing
 from tests.faults.checker import ARTIFACTS
 from tests.harness.procs import Proc, start_app, start_worker

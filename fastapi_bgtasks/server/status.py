@@ -15,40 +15,20 @@ import anyio
 from fastapi import APIRouter, Depends, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from .errors import BgTasksError, RateLimited, RunNotFound, StoreUnavailable
-from .models import (
-    ErrorBody,
-    RunDocument,
-    RunHistory,
-    RunPage,
-    RunState,
-    Transition,
-    document_from_row,
-)
+from ..errors import InvalidCursor, RateLimited, RunNotFound, StoreUnavailable
+from ..states import RunState
+from ..wire import ErrorBody, RunDocument, RunHistory, RunPage, Transition, document_from_row
+from .context import require_running
 
 if TYPE_CHECKING:
-    from .app import BgTasks, Running
+    from .context import ServerHub
 
 __all__ = ["status_router"]
 
 
-class InvalidCursor(BgTasksError):
-    """The cursor is not one this API returned."""
-
-    status_code = 422
-    code = "invalid_cursor"
-
-
-def _running(hub: BgTasks) -> Running:
-    running = hub.running
-    if running is None:
-        raise StoreUnavailable("The app's lifespan is not running.")
-    return running
-
-
-def status_router(hub: BgTasks) -> Any:
+def status_router(hub: ServerHub) -> Any:
+    from ..wire import decode_cursor, encode_cursor
     from .access import operator_access, operator_check
-    from .models import decode_cursor, encode_cursor
 
     router = APIRouter()
     check = operator_check(hub)
@@ -67,7 +47,7 @@ def status_router(hub: BgTasks) -> Any:
     }
 
     async def load(run_id: uuid.UUID, full: bool) -> RunDocument:
-        row = await _running(hub).store.get_run(run_id)
+        row = await require_running(hub).store.get_run(run_id)
         if row is None:
             raise RunNotFound(f"No run has id {run_id}.")
         return document_from_row(row, full=full)
@@ -91,14 +71,14 @@ def status_router(hub: BgTasks) -> Any:
     async def list_runs(
         state: RunState | None = None,
         task: str | None = Query(default=None, max_length=200),
-        limit: int = Query(default=50, ge=1, le=hub.max_list_limit),
+        limit: int = Query(default=50, ge=1, le=hub.settings.max_list_limit),
         cursor: str | None = Query(default=None, max_length=500),
     ) -> RunPage:
         try:
             position = decode_cursor(cursor) if cursor else None
         except ValueError:
             raise InvalidCursor() from None
-        rows = await _running(hub).store.list_runs(
+        rows = await require_running(hub).store.list_runs(
             state=state, task=task, limit=limit + 1, cursor=position
         )
         page = rows[:limit]
@@ -116,7 +96,7 @@ def status_router(hub: BgTasks) -> Any:
         responses={**denied, **not_found, **invalid, **unavailable},
     )
     async def get_history(run_id: uuid.UUID) -> RunHistory:
-        store = _running(hub).store
+        store = require_running(hub).store
         rows = await store.run_history(run_id)
         if not rows:
             raise RunNotFound(f"No run has id {run_id}.")
@@ -148,7 +128,7 @@ def status_router(hub: BgTasks) -> Any:
         },
     )
     async def cancel_run(run_id: uuid.UUID) -> RunDocument:
-        running = _running(hub)
+        running = require_running(hub)
         row = await running.store.cancel_run(run_id)
         running.wakeups.run_changed()
         return document_from_row(row)
@@ -166,12 +146,12 @@ def status_router(hub: BgTasks) -> Any:
         },
     )
     async def run_events(run_id: uuid.UUID, denied: Any = Depends(check)) -> Any:
-        from .feed import wait_any
+        from .wakeups import wait_any
 
-        running = _running(hub)
+        running = require_running(hub)
         full = denied is None
         first = await load(run_id, full)
-        if running.open_streams >= hub.max_streams:
+        if running.open_streams >= hub.settings.max_streams:
             raise RateLimited("Too many event streams are open; poll GET /runs/{id} instead.")
         running.open_streams += 1
         shutdown = anyio.Event()
@@ -179,7 +159,7 @@ def status_router(hub: BgTasks) -> Any:
         async def stream() -> AsyncIterator[Any]:
             document = first
             last: tuple[Any, ...] | None = None
-            deadline = time.monotonic() + hub.feed_max_seconds
+            deadline = time.monotonic() + hub.settings.feed_max_seconds
             try:
                 while True:
                     key = (document.state, document.attempt, document.scheduled_at)
@@ -195,7 +175,7 @@ def status_router(hub: BgTasks) -> Any:
                         yield ServerSentEvent(data="{}", event="bye")
                         return
                     changed = running.wakeups.changed_event()
-                    await wait_any([changed, shutdown, running.closing], hub.poll_seconds)
+                    await wait_any([changed, shutdown, running.closing], hub.settings.poll_seconds)
                     try:
                         document = await load(run_id, full)
                     except StoreUnavailable:

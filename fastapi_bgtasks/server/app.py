@@ -14,15 +14,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BgTasksError, PayloadTooLarge
+from ..errors import BgTasksError, PayloadTooLarge
+from ..wire import ErrorBody
+from .context import require_running
 from .feed import feed_router
 from .intake import submit_router
-from .models import ErrorBody
 from .reports import reports_router
 from .status import status_router
 
 if TYPE_CHECKING:
-    from .app import BgTasks
+    from .context import ServerHub
 
 __all__ = ["build_app"]
 
@@ -131,7 +132,7 @@ def _text(value: Any) -> str:
     return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
-def build_app(hub: BgTasks) -> ASGIApp:
+def build_app(hub: ServerHub) -> ASGIApp:
     api = FastAPI(
         title="fastapi_bgtasks",
         summary="Durable background tasks: submit, feed, reports and status.",
@@ -183,11 +184,9 @@ def build_app(hub: BgTasks) -> ASGIApp:
         responses={503: {"model": ErrorBody, "description": "Not ready"}},
     )
     async def health() -> dict[str, str]:
-        from .errors import StoreUnavailable
+        from ..errors import StoreUnavailable
 
-        running = hub.running
-        if running is None:
-            raise StoreUnavailable("The app's lifespan is not running.")
+        running = require_running(hub)
         import anyio
 
         try:
@@ -197,4 +196,4 @@ def build_app(hub: BgTasks) -> ASGIApp:
             raise StoreUnavailable("The task store did not answer within 2 s.") from None
         return {"status": "ok", "database": running.store.dialect}
 
-    return BodyLimit(api, hub.max_body_bytes, hub.worker_body_bytes)
+    return BodyLimit(api, hub.settings.max_body_bytes, hub.settings.worker_body_bytes)

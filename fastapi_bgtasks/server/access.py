@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
 
-from .errors import AccessDenied, BgTasksError, RateLimited
+from ..errors import AccessDenied, BgTasksError, RateLimited
 
 if TYPE_CHECKING:
-    from .app import BgTasks
+    from .context import ServerHub
 
 __all__ = ["operator_access", "operator_check", "worker_access"]
 
@@ -85,15 +85,15 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
-def worker_access(hub: BgTasks) -> Callable[[Request], Awaitable[None]]:
+def worker_access(hub: ServerHub) -> Callable[[Request], Awaitable[None]]:
     """The check on /feed and /worker/*: runs before any response starts."""
     throttle = hub.auth_throttle
 
     async def check_worker(request: Request) -> None:
         client = _client(request)
         throttle.check(client)
-        if hub.token:
-            if not _bearer_ok(request, hub.token):
+        if hub.settings.token:
+            if not _bearer_ok(request, hub.settings.token):
                 throttle.failed(client)
                 raise AccessDenied("Worker routes need `Authorization: Bearer <BGTASKS_TOKEN>`.")
         elif not is_loopback(request):
@@ -143,13 +143,13 @@ def _host_check(dependency: Any) -> Callable[[Request], Awaitable[BaseException 
     return check
 
 
-def operator_check(hub: BgTasks) -> Callable[[Request], Awaitable[BaseException | None]]:
+def operator_check(hub: ServerHub) -> Callable[[Request], Awaitable[BaseException | None]]:
     """A dependency answering None when the caller passes the operator check,
     else the exception that says why not (raised by `operator_access`).
 
     The worker's token is also an operator credential: tasks submit runs.
     """
-    host = _host_check(hub.auth) if hub.auth is not None else None
+    host = _host_check(hub.settings.auth) if hub.settings.auth is not None else None
     throttle = hub.auth_throttle
 
     async def check_operator(request: Request) -> BaseException | None:
@@ -157,13 +157,13 @@ def operator_check(hub: BgTasks) -> Callable[[Request], Awaitable[BaseException 
         # With no host auth, a bearer token here can only be the worker's: a
         # wrong one counts as on worker routes (no way around the limit on
         # guesses). A host auth may use bearer tokens of its own: not counted.
-        guarded = bool(hub.token) and host is None and presented
+        guarded = bool(hub.settings.token) and host is None and presented
         if guarded:
             try:
                 throttle.check(_client(request))
             except RateLimited as exc:
                 return exc
-        if _bearer_ok(request, hub.token):
+        if _bearer_ok(request, hub.settings.token):
             return None
         if guarded:
             throttle.failed(_client(request))
@@ -178,7 +178,7 @@ def operator_check(hub: BgTasks) -> Callable[[Request], Awaitable[BaseException 
     return check_operator
 
 
-def operator_access(hub: BgTasks) -> Callable[..., Awaitable[None]]:
+def operator_access(hub: ServerHub) -> Callable[..., Awaitable[None]]:
     """The check on operator routes: raise what the operator check reported."""
     from fastapi import Depends
 

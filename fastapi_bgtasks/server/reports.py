@@ -12,24 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends
 
-from .errors import StoreUnavailable
-from .feed import ANY_TASK
-from .models import ErrorBody, HeartbeatRequest, HeartbeatResponse, ReportBatch, ReportOutcomes
+from ..wire import ErrorBody, HeartbeatRequest, HeartbeatResponse, ReportBatch, ReportOutcomes
+from .context import require_running
+from .wakeups import ANY_TASK
 
 if TYPE_CHECKING:
-    from .app import BgTasks, Running
+    from .context import ServerHub
 
 __all__ = ["reports_router"]
 
 
-def _running(hub: BgTasks) -> Running:
-    running = hub.running
-    if running is None:
-        raise StoreUnavailable("The app's lifespan is not running.")
-    return running
-
-
-def reports_router(hub: BgTasks) -> Any:
+def reports_router(hub: ServerHub) -> Any:
     from .access import worker_access
 
     router = APIRouter(dependencies=[Depends(worker_access(hub))])
@@ -47,9 +40,9 @@ def reports_router(hub: BgTasks) -> Any:
         responses=errors,
     )
     async def post_reports(batch: ReportBatch) -> ReportOutcomes:
-        running = _running(hub)
+        running = require_running(hub)
         applied = await running.store.apply_reports(
-            batch.reports, max_result_bytes=hub.max_result_bytes
+            batch.reports, max_result_bytes=hub.settings.max_result_bytes
         )
         outcomes: list[Any] = [outcome for outcome, _ in applied]
         if any(o == "accepted" for o in outcomes):
@@ -69,11 +62,11 @@ def reports_router(hub: BgTasks) -> Any:
         responses=errors,
     )
     async def post_heartbeat(beat: HeartbeatRequest) -> HeartbeatResponse:
-        running = _running(hub)
+        running = require_running(hub)
         renewed, stop, cancel = await running.store.heartbeat(
             worker_id=beat.worker_id,
             held=[(held.run_id, held.lease_token) for held in beat.runs],
-            lease_seconds=hub.lease_seconds,
+            lease_seconds=hub.settings.lease_seconds,
         )
         return HeartbeatResponse(renewed=renewed, stop=stop, cancel=cancel)
 

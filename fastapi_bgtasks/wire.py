@@ -1,24 +1,23 @@
-"""Run states, the transitions allowed between them, and the wire schemas.
+"""The wire: every pydantic schema the app and its workers exchange, the one
+time format, and the cursor codec of `GET /runs`.
 
-Shared by both ends of the wire: the app (store, feed, reports, status) and
-the worker, which imports this module but never SQLAlchemy.
+Shared by both ends: the app (store, feed, reports, status) and the worker,
+which imports this module but never SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import base64
-import enum
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
+from .states import RunState
+
 __all__ = [
-    "ACTIVE_STATES",
     "MAX_MAP_CALLS",
-    "TERMINAL_STATES",
-    "TRANSITIONS",
     "Call",
     "Delivery",
     "ErrorBody",
@@ -35,63 +34,11 @@ __all__ = [
     "RunDocument",
     "RunHistory",
     "RunPage",
-    "RunState",
     "SubmitRequest",
     "Transition",
     "document_from_row",
     "format_time",
 ]
-
-
-class RunState(enum.StrEnum):
-    """Where a run is on its path. See docs/architecture.md for the diagram."""
-
-    SCHEDULED = "SCHEDULED"
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    CRASHED = "CRASHED"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-
-TERMINAL_STATES = frozenset(
-    {RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.CRASHED}
-)
-# Runs a worker holds a lease on.
-ACTIVE_STATES = frozenset({RunState.PENDING, RunState.RUNNING})
-
-# Every edge a run may take, named after what makes it (docs/architecture.md).
-TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    RunState.SCHEDULED: frozenset({RunState.PENDING, RunState.CANCELLED}),
-    RunState.PENDING: frozenset(
-        {
-            RunState.SCHEDULED,  # released unsent, handed back, or lease expired
-            RunState.RUNNING,
-            RunState.COMPLETED,
-            RunState.FAILED,
-            RunState.CANCELLED,
-            RunState.CRASHED,
-        }
-    ),
-    RunState.RUNNING: frozenset(
-        {
-            RunState.SCHEDULED,  # retry after a failure, or lease expired
-            RunState.COMPLETED,
-            RunState.FAILED,
-            RunState.CANCELLED,
-            RunState.CRASHED,
-        }
-    ),
-    RunState.COMPLETED: frozenset(),
-    RunState.FAILED: frozenset(),
-    RunState.CANCELLED: frozenset(),
-    RunState.CRASHED: frozenset(),
-}
 
 
 def format_time(value: datetime | None) -> str | None:

@@ -9,28 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import anyio
 
-from .errors import ConfigurationError, DuplicateTaskName, InvalidSchedule, TaskNotFound
-from .models import RunDocument
+from .errors import ConfigurationError
+from .settings import DEFAULT_DATABASE_URL, MiB, Settings
+from .submit import check_schedule
 from .taskrun import TaskRun
-from .tasks import OnWorkerLost, Task, TaskOptions
+from .tasks import OnWorkerLost, Task, TaskOptions, TaskRegistry
+from .wire import RunDocument
 
 if TYPE_CHECKING:
-    from .access import FailureThrottle
-    from .feed import Wakeups
-    from .store import Store
-    from .submitter import Route, Submitter
+    from .server.access import FailureThrottle
+    from .server.context import Running
+    from .submit import Route, Submitter
 
 __all__ = ["DEFAULT_DATABASE_URL", "BgTasks"]
 
@@ -38,22 +37,6 @@ log = logging.getLogger("fastapi_bgtasks")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./bgtasks.db"
-MiB = 1024 * 1024
-
-
-@dataclass
-class Running:
-    """What a running lifespan owns; the hub holds it only while it runs."""
-
-    store: Store
-    wakeups: Wakeups
-    loop: asyncio.AbstractEventLoop
-    thread_id: int
-    closing: anyio.Event = field(default_factory=anyio.Event)
-    open_feeds: dict[str, int] = field(default_factory=dict)
-    open_streams: int = 0
 
 
 async def _close_at_loop_end(closer: Callable[[], Any]) -> AsyncIterator[None]:
@@ -96,40 +79,33 @@ class BgTasks:
         max_list_limit: int = 500,
         pool_size: int = 10,
     ) -> None:
-        if lease_seconds <= 0:
-            raise ConfigurationError("lease_seconds must be positive")
-        self.database_url = (
-            database_url or os.environ.get("BGTASKS_DATABASE_URL") or DEFAULT_DATABASE_URL
+        self.settings = Settings.build(
+            database_url,
+            lease_seconds=lease_seconds,
+            heartbeat_seconds=heartbeat_seconds,
+            report_interval=report_interval,
+            max_rescues=max_rescues,
+            token=token,
+            auth=auth,
+            url=url,
+            max_body_bytes=max_body_bytes,
+            max_args_bytes=max_args_bytes,
+            max_result_bytes=max_result_bytes,
+            poll_seconds=poll_seconds,
+            reaper_seconds=reaper_seconds,
+            feed_max_seconds=feed_max_seconds,
+            max_feeds=max_feeds,
+            max_streams=max_streams,
+            max_list_limit=max_list_limit,
+            pool_size=pool_size,
         )
-        self.lease_seconds = float(lease_seconds)
-        # Three chances to renew before a lease can expire.
-        self.heartbeat_seconds = float(heartbeat_seconds or self.lease_seconds / 4)
-        if self.heartbeat_seconds >= self.lease_seconds / 2:
-            raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
-        self.report_interval = float(report_interval)
-        self.max_rescues = int(max_rescues)
-        self.token = token if token is not None else os.environ.get("BGTASKS_TOKEN") or None
-        self.auth = auth
-        self.remote_url = url if url is not None else os.environ.get("BGTASKS_URL") or None
-        self.max_body_bytes = int(max_body_bytes)
-        self.max_args_bytes = int(max_args_bytes)
-        self.max_result_bytes = int(max_result_bytes)
-        # Worker reports carry results: their body limit leaves room for one
-        # result of max_result_bytes plus its envelope and traceback.
-        self.worker_body_bytes = max(self.max_body_bytes, self.max_result_bytes + 256 * 1024)
-        self.poll_seconds = float(poll_seconds)
-        self.reaper_seconds = float(reaper_seconds or min(self.lease_seconds / 4, 5.0))
-        self.feed_max_seconds = float(feed_max_seconds)
-        self.max_feeds = int(max_feeds)
-        self.max_streams = int(max_streams)
-        self.max_list_limit = int(max_list_limit)
-        self.pool_size = int(pool_size)
-        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.registry = TaskRegistry(
+            self,
+            max_args_bytes=self.settings.max_args_bytes,
+            max_result_bytes=self.settings.max_result_bytes,
+            max_rescues=self.settings.max_rescues,
+        )
         self.running: Running | None = None
-        # Set by a worker runtime serving this hub: submissions from its
-        # tasks go back over HTTP to the app that feeds it.
-        self.worker_route: Route | None = None
-        self.worker_loop: asyncio.AbstractEventLoop | None = None
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Route] = (
             weakref.WeakKeyDictionary()
         )
@@ -142,11 +118,20 @@ class BgTasks:
         self._auth_throttle: FailureThrottle | None = None
 
     @property
+    def database_url(self) -> str:
+        return self.settings.database_url
+
+    @property
+    def tasks(self) -> dict[str, Task[Any, Any]]:
+        """The registered tasks by name."""
+        return self.registry.tasks
+
+    @property
     def auth_throttle(self) -> FailureThrottle:
         """One count of refused credentials for every worker route of this
         hub. Made on first use: a worker process never imports the HTTP side."""
         if self._auth_throttle is None:
-            from .access import FailureThrottle
+            from .server.access import FailureThrottle
 
             self._auth_throttle = FailureThrottle()
         return self._auth_throttle
@@ -154,7 +139,7 @@ class BgTasks:
     def __repr__(self) -> str:
         from .store import safe_url
 
-        return f"<BgTasks {safe_url(self.database_url)} tasks={sorted(self.tasks)}>"
+        return f"<BgTasks {safe_url(self.settings.database_url)} tasks={sorted(self.tasks)}>"
 
     # -- registering tasks -----------------------------------------------
 
@@ -204,30 +189,14 @@ class BgTasks:
             raise ConfigurationError(f"Invalid task options: {exc}") from exc
 
         def register(func: Callable[P, R]) -> Task[P, R]:
-            if isinstance(func, Task):
-                func = func.fn
-            task_name = name or getattr(func, "__name__", None)
-            if not task_name or len(task_name) > 200 or not task_name.isprintable():
-                raise ConfigurationError(f"Invalid task name {task_name!r}")
-            task = Task(func, hub=self, name=task_name, options=options)
-            existing = self.tasks.get(task_name)
-            if existing is not None and not _same_function(existing.fn, func):
-                raise DuplicateTaskName(
-                    f"Task name {task_name!r} is taken by {_where(existing.fn)}; "
-                    f"cannot also register {_where(func)}. Pass name=... to one of them."
-                )
-            self.tasks[task_name] = task
-            return task
+            return self.registry.add(func, name, options)
 
         if fn is not None:
             return register(fn)
         return register
 
     def get_task(self, name: str) -> Task[Any, Any]:
-        try:
-            return self.tasks[name]
-        except KeyError:
-            raise TaskNotFound(f"No task named {name!r} is registered.") from None
+        return self.registry.get(name)
 
     # -- the mounted app, the dependency, the lifespan ---------------------
 
@@ -235,14 +204,14 @@ class BgTasks:
     def app(self) -> Any:
         """The ASGI app to mount: `app.mount("/tasks", bg.app)`."""
         if self._app is None:
-            from .api import build_app
+            from .server.app import build_app
 
             self._app = build_app(self)
         return self._app
 
     def submitter(self) -> Submitter:
         """A FastAPI dependency: `submit: Submitter = Depends(bg.submitter)`."""
-        from .submitter import Submitter
+        from .submit import Submitter
 
         return Submitter(self)
 
@@ -257,21 +226,23 @@ class BgTasks:
 
     @asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:
-        from .feed import Wakeups, run_services
+        from .server.context import Running
+        from .server.services import run_services
+        from .server.wakeups import Wakeups
         from .store import Store
 
         if self.running is not None:
             raise ConfigurationError("This hub's lifespan is already running.")
-        store = Store(self.database_url, pool_size=self.pool_size)
+        store = Store(self.settings.database_url, pool_size=self.settings.pool_size)
         await store.open()
         try:
             await store.migrate()
-            if self.token is None:
+            if self.settings.token is None:
                 log.warning(
                     "fastapi_bgtasks: no BGTASKS_TOKEN set; worker routes serve loopback "
                     "clients only. Set a token before exposing the app."
                 )
-            if self.auth is None:
+            if self.settings.auth is None:
                 log.warning(
                     "fastapi_bgtasks: no auth= dependency; operator routes (submit, list, "
                     "cancel) serve loopback clients only."
@@ -280,7 +251,6 @@ class BgTasks:
                 store=store,
                 wakeups=Wakeups(),
                 loop=asyncio.get_running_loop(),
-                thread_id=threading.get_ident(),
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(run_services, self, running)
@@ -300,22 +270,24 @@ class BgTasks:
     async def route(self) -> Route:
         """First match wins: this process's lifespan store; the worker's URL;
         BGTASKS_URL; the store at database_url, opened lazily for this loop."""
-        from .submitter import HttpRoute, StoreRoute
+        from .client import HttpRoute
+        from .submit import StoreRoute
 
         loop = asyncio.get_running_loop()
         running = self.running
         if running is not None and running.loop is loop:
-            return StoreRoute(self, running.store, running.wakeups)
-        if self.worker_route is not None and self.worker_loop is loop:
-            return self.worker_route
+            return StoreRoute(running.store, running.wakeups)
+        registry = self.registry
+        if registry.worker_route is not None and registry.worker_loop is loop:
+            return cast("Route", registry.worker_route)
         route = self._per_loop.get(loop)
         if route is None:
-            if self.remote_url:
-                route = HttpRoute(self.remote_url, self.token)
+            if self.settings.remote_url:
+                route = HttpRoute(self.settings.remote_url, self.settings.token)
             else:
                 from .store import Store
 
-                route = StoreRoute(self, Store(self.database_url, pool_size=2), None)
+                route = StoreRoute(Store(self.settings.database_url, pool_size=2), None)
             self._per_loop[loop] = route
             finalizer = _close_at_loop_end(route.aclose)
             self._finalizers[loop] = finalizer
@@ -334,7 +306,7 @@ class BgTasks:
         priority: int = 0,
     ) -> TaskRun:
         """Validate the call, store the run, return it SCHEDULED."""
-        if task.hub is not self:
+        if task.registry is not self.registry:
             raise ConfigurationError(f"{task!r} belongs to another hub")
         check_schedule(countdown, eta, priority)
         json_args, json_kwargs = task.dump_arguments(args, kwargs)
@@ -362,7 +334,7 @@ class BgTasks:
     ) -> list[TaskRun]:
         """Validate every call first, then store them all in one transaction
         (or none): `task.map` and `submit.map`."""
-        if task.hub is not self:
+        if task.registry is not self.registry:
             raise ConfigurationError(f"{task!r} belongs to another hub")
         dumped = [task.dump_arguments(args, kwargs) for args, kwargs in calls]
         if not dumped:
@@ -378,7 +350,7 @@ class BgTasks:
         self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]
     ) -> TaskRun:
         """`delay` from synchronous code, on the loop that owns the route."""
-        for home in (self.running.loop if self.running else None, self.worker_loop):
+        for home in (self.running.loop if self.running else None, self.registry.worker_loop):
             if home is None or home.is_closed():
                 continue
             if _loop_of_this_thread() is home:
@@ -423,30 +395,21 @@ class BgTasks:
 
     def serve(self, *tasks: Task[Any, Any], url: str | None = None, **options: Any) -> None:
         """Run a worker for these tasks (default: all) in this process, until
-        interrupted. The seed's `serve()`; same runtime as the CLI."""
+        interrupted, like Prefect's `serve()`; the same runtime as the CLI."""
         from .worker.runtime import WorkerConfig, configure_logging, run_worker
 
-        target = url or self.remote_url
+        target = url or self.settings.remote_url
         if not target:
             raise ConfigurationError(
                 "serve() needs the URL of the mounted task API: pass url=... "
                 "(e.g. http://127.0.0.1:8000/tasks) or set BGTASKS_URL."
             )
-        names = [t.name for t in tasks] or sorted(self.tasks)
+        names = [t.name for t in tasks] or sorted(self.registry.tasks)
         configure_logging(options.pop("log_level", "INFO"))
-        config = WorkerConfig(url=target, token=options.pop("token", self.token), **options)
-        anyio.run(run_worker, self, names, config)
-
-
-def check_schedule(countdown: float | None, eta: datetime | None, priority: int) -> None:
-    if countdown is not None and eta is not None:
-        raise InvalidSchedule("Pass countdown or eta, not both.")
-    if countdown is not None and not (0 <= countdown <= 10 * 365 * 86400):
-        raise InvalidSchedule("countdown must be between 0 seconds and 10 years.")
-    if eta is not None and (eta.tzinfo is None or eta.utcoffset() is None):
-        raise InvalidSchedule("eta must be timezone-aware (e.g. datetime.now(UTC)).")
-    if not (-(2**31) <= priority < 2**31):
-        raise InvalidSchedule("priority must fit in 32 bits.")
+        config = WorkerConfig(
+            url=target, token=options.pop("token", self.settings.token), **options
+        )
+        anyio.run(run_worker, self.registry, names, config)
 
 
 def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
@@ -454,22 +417,3 @@ def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
-    """The same function re-registered: a module also run as __main__, or reloaded."""
-    if a is b:
-        return True
-    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
-    return (
-        getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
-        and code_a is not None
-        and code_b is not None
-        and os.path.realpath(code_a.co_filename) == os.path.realpath(code_b.co_filename)
-    )
-
-
-def _where(fn: Callable[..., Any]) -> str:
-    code = getattr(fn, "__code__", None)
-    location = f" ({code.co_filename}:{code.co_firstlineno})" if code else ""
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)!s}{location}"

@@ -24,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .errors import (
+from ..errors import (
     ConfigurationError,
     InvalidValue,
     RunFinished,
@@ -32,7 +32,8 @@ from .errors import (
     SchemaError,
     StoreUnavailable,
 )
-from .models import ACTIVE_STATES, Report, RunState, decode_cursor, encode_cursor
+from ..states import ACTIVE_STATES, RunState
+from ..wire import Report, decode_cursor, encode_cursor
 
 __all__ = ["SCHEMA_VERSION", "Store", "decode_cursor", "encode_cursor", "safe_url"]
 

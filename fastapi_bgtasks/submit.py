@@ -1,7 +1,7 @@
-"""① Submitting runs: the `Submitter` dependency and the routes a submission
-can take (the store, or the mounted API over HTTP). The HTTP endpoints that
-take submissions are in `intake`, so that a worker, which submits over HTTP,
-never imports FastAPI.
+"""① Submitting runs: the `Submitter` dependency, the schedule check, and the
+routes a submission can take (the store here; the mounted API over HTTP in
+`client`). The HTTP endpoints that take submissions are in `server.intake`,
+so that a worker, which submits over HTTP, never imports FastAPI.
 
 Arguments are validated where the call is made, so a bad call raises in the
 caller and nothing is stored.
@@ -14,26 +14,21 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
-
 from .errors import (
     IdempotencyConflict,
-    PayloadTooLarge,
-    RemoteError,
+    InvalidSchedule,
     RunNotFound,
-    StoreUnavailable,
-    TaskNotFound,
 )
-from .models import MAX_MAP_CALLS, MapResponse, RunDocument, document_from_row
 from .taskrun import TaskRun
+from .wire import RunDocument, document_from_row
 
 if TYPE_CHECKING:
-    from .app import BgTasks
-    from .feed import Wakeups
+    from .hub import BgTasks
+    from .server.wakeups import Wakeups
     from .store import Store
     from .tasks import Task
 
-__all__ = ["HttpRoute", "Route", "StoreRoute", "Submitter"]
+__all__ = ["Route", "StoreRoute", "Submitter", "check_schedule"]
 
 
 class Submitter:
@@ -104,8 +99,7 @@ class StoreRoute:
     """Straight to the store: the app's own (lifespan) or one opened lazily,
     which checks for the schema but never creates it."""
 
-    def __init__(self, hub: BgTasks, store: Store, wakeups: Wakeups | None) -> None:
-        self.hub = hub
+    def __init__(self, store: Store, wakeups: Wakeups | None) -> None:
         self.store = store
         self.wakeups = wakeups
         self._checked = wakeups is not None
@@ -204,86 +198,12 @@ class StoreRoute:
             await self.store.close()
 
 
-class HttpRoute:
-    """Over HTTP to the mounted API: workers, and processes given BGTASKS_URL."""
-
-    def __init__(
-        self, url: str, token: str | None, client: httpx.AsyncClient | None = None
-    ) -> None:
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._owns_client = client is None
-        self.client = client or httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(30.0, connect=10.0)
-        )
-        self._headers = headers
-
-    async def submit(
-        self,
-        task: Task[Any, Any],
-        args: list[Any],
-        kwargs: dict[str, Any],
-        *,
-        countdown: float | None,
-        eta: datetime | None,
-        idempotency_key: str | None,
-        priority: int,
-    ) -> RunDocument:
-        body: dict[str, Any] = {"task": task.name, "args": args, "kwargs": kwargs}
-        if countdown is not None:
-            body["countdown"] = countdown
-        if eta is not None:
-            body["eta"] = eta.isoformat()
-        if idempotency_key is not None:
-            body["idempotency_key"] = idempotency_key
-        if priority:
-            body["priority"] = priority
-        response = await self._request("POST", "/runs", json=body)
-        return RunDocument.model_validate(response.json())
-
-    async def submit_many(
-        self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
-    ) -> list[RunDocument]:
-        if len(calls) > MAX_MAP_CALLS:
-            raise PayloadTooLarge(
-                f"A map over HTTP takes at most {MAX_MAP_CALLS} calls (POST /runs/batch), "
-                f"not {len(calls)}: split the items. Nothing was stored."
-            )
-        body = {"task": task.name, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
-        response = await self._request("POST", "/runs/batch", json=body)
-        return MapResponse.model_validate_json(response.content).runs
-
-    async def read_run(self, run_id: uuid.UUID) -> RunDocument:
-        response = await self._request("GET", f"/runs/{run_id}")
-        return RunDocument.model_validate(response.json())
-
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self.client.request(
-                method, self.url + path, headers=self._headers, **kwargs
-            )
-        except httpx.HTTPError as exc:
-            raise StoreUnavailable(
-                f"The task API at {self.url} is unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
-        if response.status_code < 400:
-            return response
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"message": response.text[:200]}
-        if response.status_code == 404 and body.get("error") == "task_not_found":
-            raise TaskNotFound(body.get("message"))
-        if response.status_code == 404 and body.get("error") == "run_not_found":
-            raise RunNotFound(body.get("message"))
-        if response.status_code == 409 and body.get("error") == "idempotency_conflict":
-            raise IdempotencyConflict(body.get("message"))
-        if response.status_code == 413:
-            raise PayloadTooLarge(body.get("message"))
-        if response.status_code == 503:
-            raise StoreUnavailable(body.get("message"))
-        raise RemoteError(response.status_code, body, self.url + path)
-
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self.client.aclose()
+def check_schedule(countdown: float | None, eta: datetime | None, priority: int) -> None:
+    if countdown is not None and eta is not None:
+        raise InvalidSchedule("Pass countdown or eta, not both.")
+    if countdown is not None and not (0 <= countdown <= 10 * 365 * 86400):
+        raise InvalidSchedule("countdown must be between 0 seconds and 10 years.")
+    if eta is not None and (eta.tzinfo is None or eta.utcoffset() is None):
+        raise InvalidSchedule("eta must be timezone-aware (e.g. datetime.now(UTC)).")
+    if not (-(2**31) <= priority < 2**31):
+        raise InvalidSchedule("priority must fit in 32 bits.")

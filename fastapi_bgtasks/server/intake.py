@@ -10,20 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Header, Response
 
+from ..submit import StoreRoute
+from ..wire import ErrorBody, MapRequest, MapResponse, RunDocument, SubmitRequest
 from .access import operator_access
-from .errors import StoreUnavailable
-from .models import ErrorBody, MapRequest, MapResponse, RunDocument, SubmitRequest
-from .submitter import StoreRoute
+from .context import require_running
 
 if TYPE_CHECKING:
-    from .app import BgTasks
+    from .context import ServerHub
 
 __all__ = ["submit_router"]
 
 
-def submit_router(hub: BgTasks) -> Any:
+def submit_router(hub: ServerHub) -> Any:
     """`POST /runs`: submit a run by task name (operators, other services)."""
-    from .app import check_schedule
+    from ..submit import check_schedule
 
     router = APIRouter()
 
@@ -52,12 +52,8 @@ def submit_router(hub: BgTasks) -> Any:
         check_schedule(body.countdown, body.eta, body.priority)
         key = body.idempotency_key or idempotency_key
         args, kwargs = task.dump_arguments(body.args, body.kwargs)
-        running = hub.running
-        if running is None:
-            raise StoreUnavailable(
-                "The app's lifespan is not running (FastAPI(lifespan=bg.lifespan))."
-            )
-        route = StoreRoute(hub, running.store, running.wakeups)
+        running = require_running(hub)
+        route = StoreRoute(running.store, running.wakeups)
         document, created = await route.submit_row(
             task,
             args,
@@ -88,12 +84,8 @@ def submit_router(hub: BgTasks) -> Any:
     async def submit_runs(body: MapRequest) -> MapResponse:
         task = hub.get_task(body.task)
         calls = [task.dump_arguments(call.args, call.kwargs) for call in body.calls]
-        running = hub.running
-        if running is None:
-            raise StoreUnavailable(
-                "The app's lifespan is not running (FastAPI(lifespan=bg.lifespan))."
-            )
-        route = StoreRoute(hub, running.store, running.wakeups)
+        running = require_running(hub)
+        route = StoreRoute(running.store, running.wakeups)
         return MapResponse(runs=await route.submit_many(task, calls))
 
     return router

@@ -1,0 +1,59 @@
+"""What the mounted API and the app-side services need of the hub, and no
+more: its settings, its tasks, the throttle of refused credentials, and the
+running lifespan's store and wake-ups. Routes depend on this, never on
+`BgTasks` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from ..errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+    from ..store import Store
+    from ..tasks import Task
+    from .access import FailureThrottle
+    from .wakeups import Wakeups
+
+__all__ = ["Running", "ServerHub", "require_running"]
+
+
+@dataclass
+class Running:
+    """What a running lifespan owns; the hub holds it only while it runs."""
+
+    store: Store
+    wakeups: Wakeups
+    loop: asyncio.AbstractEventLoop
+    closing: anyio.Event = field(default_factory=anyio.Event)
+    open_feeds: dict[str, int] = field(default_factory=dict)
+    open_streams: int = 0
+
+
+class ServerHub(Protocol):
+    """The hub as the server sees it."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def running(self) -> Running | None: ...
+
+    @property
+    def auth_throttle(self) -> FailureThrottle: ...
+
+    def get_task(self, name: str) -> Task[Any, Any]: ...
+
+
+def require_running(hub: ServerHub) -> Running:
+    """The running lifespan, or a 503 that says to run it."""
+    running = hub.running
+    if running is None:
+        raise StoreUnavailable("The app's lifespan is not running (FastAPI(lifespan=bg.lifespan)).")
+    return running

@@ -1,0 +1,199 @@
+"""③ The feed: runs leased to a worker, pushed over Server-Sent Events.
+
+Feed events are deliveries: each `runs` event carries runs this worker now
+holds a lease on. A run claimed but never handed to the stream (the claim
+raced the reaper, or the stream closed first) is released at once, without
+spending an attempt; one handed to the stream is the worker's until its
+lease expires, since a fresh delivery starts without asking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from ..errors import BgTasksError, InvalidName, RateLimited, StoreUnavailable
+from ..wire import Hello
+from .context import require_running
+from .wakeups import wait_any
+
+if TYPE_CHECKING:
+    from .context import Running, ServerHub
+
+__all__ = ["feed_router"]
+
+log = logging.getLogger("fastapi_bgtasks.feed")
+
+
+def _runs_event(rows: list[dict[str, Any]], leased_at: float | None = None) -> Any:
+    """A `runs` event in the `Delivery` wire shape, built straight from the
+    claimed rows (stored JSON needs no validating again) on the hot path."""
+    deliveries = [
+        {
+            "id": str(r["id"]),
+            "task": r["task"],
+            "attempt": r["attempt"],
+            "lease_token": r["lease_token"],
+            "args": r["args"],
+            "kwargs": r["kwargs"],
+            "timeout_seconds": r["timeout_seconds"],
+            "leased_at": leased_at,
+        }
+        for r in rows
+    ]
+    return ServerSentEvent(data=json.dumps(deliveries, separators=(",", ":")), event="runs")
+
+
+async def _deliveries(
+    hub: ServerHub,
+    running: Running,
+    worker_id: str,
+    tasks: list[str],
+    slots: int,
+    shutdown: anyio.Event,
+) -> AsyncIterator[Any]:
+    store = running.store
+    wakeups = running.wakeups
+    hello = Hello(
+        worker_id=worker_id,
+        lease_seconds=hub.settings.lease_seconds,
+        heartbeat_seconds=hub.settings.heartbeat_seconds,
+        report_interval=hub.settings.report_interval,
+        max_body_bytes=hub.settings.worker_body_bytes,
+        max_result_bytes=hub.settings.max_result_bytes,
+        clock=time.monotonic(),
+    )
+    wakeups.lost_workers.discard(worker_id)  # it is back: serve it again
+    yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
+    deadline = time.monotonic() + hub.settings.feed_max_seconds
+    unsent: list[dict[str, Any]] = []
+    try:
+        # A reconnecting worker first gets what it already holds.
+        resend = await store.leased_to(worker_id, tasks)
+        if resend:
+            yield _runs_event(resend)
+        while not (shutdown.is_set() or running.closing.is_set()):
+            if time.monotonic() >= deadline or worker_id in wakeups.lost_workers:
+                break
+            events = [
+                wakeups.runs_event(),
+                wakeups.worker_event(worker_id),
+                shutdown,
+                running.closing,
+            ]
+            try:
+                # Stamped before the claim: the lease cannot be older than this.
+                leased_at = time.monotonic()
+                unsent = await store.claim(
+                    worker_id=worker_id,
+                    tasks=tasks,
+                    slots=slots,
+                    lease_seconds=hub.settings.lease_seconds,
+                )
+                if unsent and worker_id in wakeups.lost_workers:
+                    # Reaped meanwhile: hand back what this claim took, now.
+                    taken, unsent = unsent, []
+                    await store.release_unsent([(r["id"], r["lease_token"]) for r in taken])
+                    wakeups.runs_added(None)
+                    break
+                if unsent:
+                    event = _runs_event(unsent, leased_at)
+                    # Handed to the stream, it may reach the worker even if
+                    # the write is cut short, and a fresh delivery starts at
+                    # once: from here its lease expires, it is never released.
+                    unsent = []
+                    yield event
+                    # No second claim now: this one took every due run or
+                    # all the credit, and the events taken before it fire
+                    # for anything since (new runs, freed credit).
+                timeout = min(hub.settings.poll_seconds, deadline - time.monotonic())
+                due = await store.next_due(tasks)
+            except StoreUnavailable as exc:
+                log.warning("Feed for %s: %s", worker_id, exc)
+                timeout, due = min(hub.settings.poll_seconds, 1.0), None
+            if due is not None:
+                wait = (due - datetime.now(UTC)).total_seconds()
+                if wait > 0:
+                    timeout = min(timeout, wait)
+            await wait_any(events, timeout)
+        yield ServerSentEvent(data="{}", event="bye")
+    finally:
+        if unsent:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                try:
+                    await store.release_unsent([(r["id"], r["lease_token"]) for r in unsent])
+                    wakeups.runs_added(None)
+                except BgTasksError as exc:  # the lease expires instead
+                    log.warning("Could not release unsent runs: %s", exc)
+
+
+def feed_router(hub: ServerHub) -> Any:
+    from ..wire import ErrorBody
+    from .access import worker_access
+
+    router = APIRouter()
+
+    @router.get(
+        "/feed",
+        summary="The run feed for one worker (SSE)",
+        dependencies=[Depends(worker_access(hub))],
+        response_class=EventSourceResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "hello, runs, bye"},
+            401: {"model": ErrorBody, "description": "No worker credential"},
+            422: {"model": ErrorBody, "description": "Bad parameters"},
+            429: {"model": ErrorBody, "description": "Too many feeds"},
+            503: {"model": ErrorBody, "description": "Lifespan not running"},
+        },
+    )
+    async def feed(
+        request: Request,
+        task: list[str] = Query(min_length=1, max_length=1000),
+        slots: int = Query(ge=1, le=10000),
+        worker_id: str = Header(alias="X-Worker-Id", min_length=1, max_length=200),
+    ) -> Any:
+        running = require_running(hub)
+        if not worker_id.isprintable():
+            raise InvalidName("X-Worker-Id must be printable text.")
+        for name in task:
+            if len(name) > 200 or not name.isprintable():
+                raise InvalidName(f"Invalid task name {name[:50]!r}")
+        total = sum(running.open_feeds.values())
+        if total >= hub.settings.max_feeds or running.open_feeds.get(worker_id, 0) >= 2:
+            raise RateLimited(
+                "Too many feeds are open (max_feeds, or 2 per worker id); try again shortly."
+            )
+        shutdown = anyio.Event()
+        running.open_feeds[worker_id] = running.open_feeds.get(worker_id, 0) + 1
+
+        async def stream() -> AsyncIterator[Any]:
+            try:
+                async for event in _deliveries(
+                    hub, running, worker_id, sorted(set(task)), slots, shutdown
+                ):
+                    yield event
+            finally:
+                left = running.open_feeds.get(worker_id, 1) - 1
+                if left <= 0:
+                    running.open_feeds.pop(worker_id, None)
+                    running.wakeups.forget_worker(worker_id)
+                else:
+                    running.open_feeds[worker_id] = left
+
+        return EventSourceResponse(
+            stream(),
+            ping=5,
+            send_timeout=30,
+            shutdown_event=shutdown,
+            shutdown_grace_period=1.0,
+        )
+
+    return router

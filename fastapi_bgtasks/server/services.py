@@ -1,0 +1,95 @@
+"""The app-side services a running lifespan owns, each in its task group: the
+reaper (expired leases back to SCHEDULED), the wake-up watcher (changes made
+by other processes) and, on PostgreSQL, the coalescing NOTIFY sender.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..errors import StoreUnavailable
+from .context import Running, ServerHub
+from .wakeups import ANY_TASK, NOTIFY_WINDOW
+
+__all__ = ["run_services"]
+
+log = logging.getLogger("fastapi_bgtasks.services")
+
+
+async def run_services(
+    hub: ServerHub, running: Running, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """The lifespan's background work, each in the lifespan's task group."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_reaper, hub, running)
+        tg.start_soon(_watcher, running)
+        if running.store.is_pg:
+            tg.start_soon(_notifier, running)
+        task_status.started()
+
+
+async def _reaper(hub: ServerHub, running: Running) -> None:
+    while True:
+        reaped: list[tuple[Any, str, str | None]] = []
+        try:
+            # Shielded (and bounded): a statement cancelled mid-way by the
+            # lifespan's exit strands aiosqlite's connection thread.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                reaped = await running.store.reap_expired_runs(
+                    on_lost=lambda workers: _mark_lost(running, workers)
+                )
+        except StoreUnavailable as exc:
+            log.warning("Reaper: %s", exc)
+        except Exception:
+            # A service must outlive any one failure: ending here would end
+            # the lifespan and leave every route answering 503.
+            log.exception("Reaper pass failed; retrying")
+        if reaped:
+            for run_id, state, worker_id in reaped:
+                log.warning(
+                    "Run %s lost its worker %s (lease expired): now %s", run_id, worker_id, state
+                )
+                if worker_id is not None:
+                    running.wakeups.worker_lost(worker_id)
+            running.wakeups.runs_added(ANY_TASK)
+            running.wakeups.run_changed()
+        await anyio.sleep(hub.settings.reaper_seconds)
+
+
+def _mark_lost(running: Running, workers: set[str]) -> None:
+    for worker_id in workers:
+        running.wakeups.worker_lost(worker_id)
+
+
+async def _watcher(running: Running) -> None:
+    def on_change(_task: str | None) -> None:
+        running.wakeups.runs_added(None, local=False)
+        running.wakeups.run_changed()
+
+    while True:
+        try:
+            await running.store.watch(on_change)
+        except Exception:
+            log.exception("Wake-up watcher failed; restarting it")
+        await anyio.sleep(1.0)
+
+
+async def _notifier(running: Running) -> None:
+    # NOTIFY after the submit committed, outside its transaction, coalesced:
+    # a burst of submits costs one NOTIFY per task.
+    while True:
+        tasks = await running.wakeups.next_notification()
+        # A few milliseconds of coalescing turn a burst of submits into one
+        # NOTIFY; other processes still hear of new runs within milliseconds.
+        await anyio.sleep(NOTIFY_WINDOW)
+        tasks = sorted({*tasks, *running.wakeups.take_notifications()})
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await running.store.notify(tasks)
+        except Exception as exc:
+            log.warning("NOTIFY failed (%s); other app processes will poll", exc)
+            await anyio.sleep(0.5)

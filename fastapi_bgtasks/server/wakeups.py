@@ -1,0 +1,93 @@
+"""③ Wake-ups inside one app process: runs were added, a worker's credit
+freed, a run changed. Feeds and event streams wait on these instead of
+polling the store.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+__all__ = ["ANY_TASK", "NOTIFY_WINDOW", "Wakeups", "wait_any"]
+
+
+# The NOTIFY payload for "some task": feeds in other processes re-claim for all.
+ANY_TASK = "*"
+NOTIFY_WINDOW = 0.005
+
+
+class Wakeups:
+    """In-process signals: runs were added, a worker's credit freed, a run
+    changed. Each is an event replaced when fired, so a waiter takes the
+    current one *before* it looks at the store and misses nothing."""
+
+    def __init__(self) -> None:
+        self._runs = anyio.Event()
+        self._changed = anyio.Event()
+        self._workers: dict[str, anyio.Event] = {}
+        self._to_notify: set[str] = set()
+        self._notify = anyio.Event()
+        # Workers whose leases the reaper took: their open feeds are closed
+        # (a half-open link would otherwise keep leasing runs into the void).
+        self.lost_workers: set[str] = set()
+
+    def runs_event(self) -> anyio.Event:
+        return self._runs
+
+    def changed_event(self) -> anyio.Event:
+        return self._changed
+
+    def worker_event(self, worker_id: str) -> anyio.Event:
+        event = self._workers.get(worker_id)
+        if event is None:
+            event = self._workers[worker_id] = anyio.Event()
+        return event
+
+    def forget_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    def runs_added(self, task: str | None, *, local: bool = True) -> None:
+        """Runs became due; `local` ones are also announced to other processes."""
+        self._runs.set()
+        self._runs = anyio.Event()
+        if local and task is not None:
+            self._to_notify.add(task)
+            self._notify.set()
+
+    def worker_freed(self, worker_id: str) -> None:
+        event = self._workers.pop(worker_id, None)
+        if event is not None:
+            event.set()
+
+    def worker_lost(self, worker_id: str) -> None:
+        if len(self.lost_workers) > 10_000:  # ids of workers that never came back
+            self.lost_workers.clear()
+        self.lost_workers.add(worker_id)
+        self.worker_freed(worker_id)
+
+    def run_changed(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def next_notification(self) -> list[str]:
+        await self._notify.wait()
+        return self.take_notifications()
+
+    def take_notifications(self) -> list[str]:
+        self._notify = anyio.Event()
+        tasks, self._to_notify = sorted(self._to_notify), set()
+        return tasks
+
+
+async def wait_any(events: list[anyio.Event], timeout: float) -> None:
+    """Return when any event is set or `timeout` seconds pass."""
+    if any(e.is_set() for e in events):
+        return
+    with anyio.move_on_after(max(timeout, 0.0)):
+        async with anyio.create_task_group() as tg:
+
+            async def waiter(event: anyio.Event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            for event in events:
+                tg.start_soon(waiter, event)

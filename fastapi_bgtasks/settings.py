@@ -1,0 +1,135 @@
+"""The hub's settings as one frozen value, built and validated once from
+`BgTasks`' keyword arguments (and the environment, read here and at the
+worker's CLI only), then handed to whatever needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_DATABASE_URL", "MiB", "Settings"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./bgtasks.db"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every option of a hub; `BgTasks`' docstring and docs/configuration.md
+    say what each one means."""
+
+    database_url: str
+    lease_seconds: float
+    heartbeat_seconds: float
+    report_interval: float
+    max_rescues: int
+    token: str | None
+    auth: Any
+    remote_url: str | None
+    max_body_bytes: int
+    max_args_bytes: int
+    max_result_bytes: int
+    poll_seconds: float
+    reaper_seconds: float
+    feed_max_seconds: float
+    max_feeds: int
+    max_streams: int
+    max_list_limit: int
+    pool_size: int
+
+    @property
+    def worker_body_bytes(self) -> int:
+        """The body limit of worker routes: room for one result of
+        `max_result_bytes` plus its envelope and traceback."""
+        return max(self.max_body_bytes, self.max_result_bytes + 256 * 1024)
+
+    @classmethod
+    def build(
+        cls,
+        database_url: str | None = None,
+        *,
+        lease_seconds: float = 30.0,
+        heartbeat_seconds: float | None = None,
+        report_interval: float = 0.02,
+        max_rescues: int = 3,
+        token: str | None = None,
+        auth: Any = None,
+        url: str | None = None,
+        max_body_bytes: int = MiB,
+        max_args_bytes: int = MiB,
+        max_result_bytes: int = MiB,
+        poll_seconds: float = 1.0,
+        reaper_seconds: float | None = None,
+        feed_max_seconds: float = 300.0,
+        max_feeds: int = 256,
+        max_streams: int = 1024,
+        max_list_limit: int = 500,
+        pool_size: int = 10,
+    ) -> Settings:
+        """Validate every option; a bad one raises `ConfigurationError` naming it."""
+        lease = _positive("lease_seconds", lease_seconds)
+        # Three chances to renew before a lease can expire.
+        heartbeat = _positive(
+            "heartbeat_seconds", lease / 4 if heartbeat_seconds is None else heartbeat_seconds
+        )
+        if heartbeat >= lease / 2:
+            raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
+        if auth is not None and not callable(getattr(auth, "dependency", auth)):
+            raise ConfigurationError("auth= must be Depends(callable) or a callable")
+        reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
+        return cls(
+            database_url=database_url
+            or os.environ.get("BGTASKS_DATABASE_URL")
+            or DEFAULT_DATABASE_URL,
+            lease_seconds=lease,
+            heartbeat_seconds=heartbeat,
+            report_interval=_at_least("report_interval", report_interval, 0.0),
+            max_rescues=_count("max_rescues", max_rescues, 0),
+            token=token if token is not None else os.environ.get("BGTASKS_TOKEN") or None,
+            auth=auth,
+            remote_url=url if url is not None else os.environ.get("BGTASKS_URL") or None,
+            max_body_bytes=_count("max_body_bytes", max_body_bytes, 1),
+            max_args_bytes=_count("max_args_bytes", max_args_bytes, 1),
+            max_result_bytes=_count("max_result_bytes", max_result_bytes, 1),
+            poll_seconds=_positive("poll_seconds", poll_seconds),
+            reaper_seconds=_positive("reaper_seconds", reaper),
+            feed_max_seconds=_positive("feed_max_seconds", feed_max_seconds),
+            max_feeds=_count("max_feeds", max_feeds, 1),
+            max_streams=_count("max_streams", max_streams, 1),
+            max_list_limit=_count("max_list_limit", max_list_limit, 1),
+            pool_size=_count("pool_size", pool_size, 1),
+        )
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{name} must be a number, not {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigurationError(f"{name} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> float:
+    number = _number(name, value)
+    if number <= 0:
+        raise ConfigurationError(f"{name} must be positive, not {value!r}")
+    return number
+
+
+def _at_least(name: str, value: Any, floor: float) -> float:
+    number = _number(name, value)
+    if number < floor:
+        raise ConfigurationError(f"{name} must be at least {floor}, not {value!r}")
+    return number
+
+
+def _count(name: str, value: Any, floor: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be a whole number, not {value!r}")
+    if value < floor:
+        raise ConfigurationError(f"{name} must be at least {floor}, not {value!r}")
+    return value
