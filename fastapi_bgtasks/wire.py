@@ -8,6 +8,7 @@ which imports this module but never SQLAlchemy.
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -36,8 +37,11 @@ __all__ = [
     "RunPage",
     "SubmitRequest",
     "Transition",
+    "clean_text",
     "document_from_row",
     "format_time",
+    "stored_json",
+    "stored_size",
 ]
 
 
@@ -274,3 +278,30 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return moment, uuid.UUID(run_id)
     except Exception as exc:
         raise ValueError("cursor is not one this API returned") from exc
+
+
+# One measure of a value's size, used by the worker and the app alike.
+
+
+def stored_json(value: Any) -> str | None:
+    """A value as the JSON text the store keeps (compact, non-ASCII kept; JSON
+    escapes control characters, NUL included), or None if JSON cannot carry
+    it (NaN, an infinity, a lone surrogate)."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode()
+    except ValueError:  # incl. UnicodeEncodeError
+        return None
+    return text
+
+
+def stored_size(value: Any) -> int | None:
+    """UTF-8 bytes of a value as stored (what `max_result_bytes` bounds), or
+    None if JSON cannot carry it."""
+    text = stored_json(value)
+    return None if text is None else len(text.encode())
+
+
+def clean_text(value: object) -> str:
+    """Valid UTF-8 text whatever the value held (a lone surrogate, say)."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
