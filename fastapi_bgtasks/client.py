@@ -1,38 +1,215 @@
-"""The HTTP client of the mounted API, for processes that submit and read
-runs without the database: scripts given `BGTASKS_URL`, and tasks running
-inside a worker. Errors come back as the package's own exceptions.
+"""The one HTTP client of the mounted API, for processes without the
+database: scripts given `BGTASKS_URL` submit and read runs through it, and a
+worker takes its feed, reports and heartbeats through it. Every error
+response comes back as the package's own exception (`errors.from_response`).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from httpx_sse import aconnect_sse
 
-from .errors import PayloadTooLarge, StoreUnavailable, from_response
-from .wire import MAX_MAP_CALLS, MapResponse, RunDocument
+from .errors import AccessDenied, BgTasksError, PayloadTooLarge, StoreUnavailable, from_response
+from .states import Outcome
+from .wire import (
+    MAX_MAP_CALLS,
+    Delivery,
+    HeartbeatResponse,
+    Hello,
+    MapResponse,
+    ReportOutcomes,
+    RunDocument,
+)
 
 if TYPE_CHECKING:
     from .tasks import Task
 
-__all__ = ["HttpRoute"]
+__all__ = ["ApiClient", "FeedEvent", "HttpRoute", "reports_body"]
+
+# ("hello", Hello), ("runs", list[Delivery]) or ("bye", None).
+FeedEvent = tuple[str, Any]
+
+
+def reports_body(worker_id: str, encoded: Sequence[bytes]) -> bytes:
+    """A `ReportBatch` body made of reports already serialised (each
+    `Report.model_dump_json()`, UTF-8): each report is serialised once, and
+    the body is exactly the bytes a batch budget measured (httpx's `json=`
+    would serialise again and escape non-ASCII six-fold)."""
+    return b'{"worker_id":%s,"reports":[%s]}' % (json.dumps(worker_id).encode(), b",".join(encoded))
+
+
+class ApiClient:
+    """One `httpx.AsyncClient` to the mounted API at `url` (its mount point,
+    e.g. http://127.0.0.1:8000/tasks). `worker_id` is sent with every request
+    of a worker (X-Worker-Id); scripts leave it None."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        worker_id: str | None = None,
+        timeout: float = 30.0,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.worker_id = worker_id
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if worker_id is not None:
+            headers["X-Worker-Id"] = worker_id
+        self.http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=limits or httpx.Limits(),
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- runs --------------------------------------------------------------
+
+    async def submit(
+        self,
+        task: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+    ) -> RunDocument:
+        body: dict[str, Any] = {"task": task, "args": args, "kwargs": kwargs}
+        if countdown is not None:
+            body["countdown"] = countdown
+        if eta is not None:
+            body["eta"] = eta.isoformat()
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if priority:
+            body["priority"] = priority
+        response = await self._request("POST", "/runs", json=body)
+        return RunDocument.model_validate_json(response.content)
+
+    async def submit_many(
+        self, task: str, calls: list[tuple[list[Any], dict[str, Any]]]
+    ) -> list[RunDocument]:
+        if len(calls) > MAX_MAP_CALLS:
+            raise PayloadTooLarge(
+                f"A map over HTTP takes at most {MAX_MAP_CALLS} calls (POST /runs/batch), "
+                f"not {len(calls)}: split the items. Nothing was stored."
+            )
+        body = {"task": task, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
+        response = await self._request("POST", "/runs/batch", json=body)
+        return MapResponse.model_validate_json(response.content).runs
+
+    async def read_run(self, run_id: uuid.UUID) -> RunDocument:
+        response = await self._request("GET", f"/runs/{run_id}")
+        return RunDocument.model_validate_json(response.content)
+
+    # -- a worker's routes -------------------------------------------------
+
+    async def feed(self, tasks: list[str], slots: int) -> AsyncIterator[FeedEvent]:
+        """The feed's events until the app says bye. Raises AccessDenied
+        (do not retry), another BgTasksError or ValueError (retry)."""
+        # The server pings every 5 s: 20 s of silence means a dead link.
+        timeout = httpx.Timeout(10.0, read=20.0)
+        try:
+            async with aconnect_sse(
+                self.http,
+                "GET",
+                f"{self.url}/feed",
+                params={"task": tasks, "slots": slots},
+                timeout=timeout,
+            ) as source:
+                response = source.response
+                if response.status_code != 200:
+                    await response.aread()
+                    raise self._worker_error(response)
+                async for sse in source.aiter_sse():
+                    if sse.event == "hello":
+                        yield "hello", Hello.model_validate_json(sse.data)
+                    elif sse.event == "runs":
+                        yield "runs", [Delivery.model_validate(d) for d in json.loads(sse.data)]
+                    elif sse.event == "bye":
+                        yield "bye", None
+                        return
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def reports(self, encoded: Sequence[bytes]) -> list[Outcome]:
+        """Post reports already serialised (see `reports_body`); one outcome
+        per report, in order."""
+        assert self.worker_id is not None, "reports are a worker's"
+        response = await self._request(
+            "POST",
+            "/worker/reports",
+            worker=True,
+            content=reports_body(self.worker_id, encoded),
+            headers={"Content-Type": "application/json"},
+        )
+        return [Outcome(o) for o in ReportOutcomes.model_validate_json(response.content).outcomes]
+
+    async def heartbeat(self, held: list[tuple[uuid.UUID, str]]) -> HeartbeatResponse:
+        body = {
+            "worker_id": self.worker_id,
+            "runs": [{"run_id": str(run_id), "lease_token": token} for run_id, token in held],
+        }
+        response = await self._request("POST", "/worker/heartbeat", worker=True, json=body)
+        return HeartbeatResponse.model_validate_json(response.content)
+
+    # -- errors ------------------------------------------------------------
+
+    async def _request(
+        self, method: str, path: str, *, worker: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = await self.http.request(method, self.url + path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        if response.status_code < 400:
+            return response
+        raise self._worker_error(response) if worker else self._error(response)
+
+    def _unreachable(self, exc: httpx.HTTPError) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"The task API at {self.url} is unreachable: {type(exc).__name__}: {exc}"
+        )
+
+    def _error(self, response: httpx.Response) -> BgTasksError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"message": response.text[:200]}
+        return from_response(response.status_code, body, str(response.request.url))
+
+    def _worker_error(self, response: httpx.Response) -> BgTasksError:
+        """As `_error`; a refused credential (401, or 403 from a proxy in
+        front of the app) says which setting to check: the worker stops."""
+        error = self._error(response)
+        if isinstance(error, AccessDenied) or response.status_code == 403:
+            return AccessDenied(
+                f"{response.request.url} refused this worker ({response.status_code}): "
+                f"{error.message} Check --token / BGTASKS_TOKEN."
+            )
+        return error
 
 
 class HttpRoute:
-    """Over HTTP to the mounted API: workers, and processes given BGTASKS_URL."""
+    """The hub's route over HTTP (a script given BGTASKS_URL, a task calling
+    another from inside a worker): submit and read runs through an
+    `ApiClient`, its own unless one is given."""
 
-    def __init__(
-        self, url: str, token: str | None, client: httpx.AsyncClient | None = None
-    ) -> None:
+    def __init__(self, url: str, token: str | None, client: ApiClient | None = None) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._owns_client = client is None
-        self.client = client or httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(30.0, connect=10.0)
-        )
-        self._headers = headers
+        self.client = client or ApiClient(url, token)
 
     async def submit(
         self,
@@ -45,50 +222,23 @@ class HttpRoute:
         idempotency_key: str | None,
         priority: int,
     ) -> RunDocument:
-        body: dict[str, Any] = {"task": task.name, "args": args, "kwargs": kwargs}
-        if countdown is not None:
-            body["countdown"] = countdown
-        if eta is not None:
-            body["eta"] = eta.isoformat()
-        if idempotency_key is not None:
-            body["idempotency_key"] = idempotency_key
-        if priority:
-            body["priority"] = priority
-        response = await self._request("POST", "/runs", json=body)
-        return RunDocument.model_validate(response.json())
+        return await self.client.submit(
+            task.name,
+            args,
+            kwargs,
+            countdown=countdown,
+            eta=eta,
+            idempotency_key=idempotency_key,
+            priority=priority,
+        )
 
     async def submit_many(
         self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
     ) -> list[RunDocument]:
-        if len(calls) > MAX_MAP_CALLS:
-            raise PayloadTooLarge(
-                f"A map over HTTP takes at most {MAX_MAP_CALLS} calls (POST /runs/batch), "
-                f"not {len(calls)}: split the items. Nothing was stored."
-            )
-        body = {"task": task.name, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
-        response = await self._request("POST", "/runs/batch", json=body)
-        return MapResponse.model_validate_json(response.content).runs
+        return await self.client.submit_many(task.name, calls)
 
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:
-        response = await self._request("GET", f"/runs/{run_id}")
-        return RunDocument.model_validate(response.json())
-
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self.client.request(
-                method, self.url + path, headers=self._headers, **kwargs
-            )
-        except httpx.HTTPError as exc:
-            raise StoreUnavailable(
-                f"The task API at {self.url} is unreachable: {type(exc).__name__}: {exc}"
-            ) from exc
-        if response.status_code < 400:
-            return response
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"message": response.text[:200]}
-        raise from_response(response.status_code, body, self.url + path)
+        return await self.client.read_run(run_id)
 
     async def aclose(self) -> None:
         if self._owns_client:

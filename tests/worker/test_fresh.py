@@ -4,8 +4,9 @@ accept its RUNNING report only when the delivery is provably young.
 The feed's hello carries the app's monotonic clock and each delivery the
 app's clock just before its claim; with the moment the worker asked for the
 feed, the worker bounds a delivery's age from above on its own clock. The
-unit tests drive `Worker._hello` and `Worker._receive` directly, with no
-network; the last test runs a real app and worker.
+unit tests drive `Worker.on_hello` and `Worker.receive` directly, with no
+network, and watch the report queue through its public view; the last test
+runs a real app and worker.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import httpx
 import pytest
 
 from fastapi_bgtasks import BgTasks
+from fastapi_bgtasks.states import Outcome
 from fastapi_bgtasks.wire import Delivery, Hello, Report
-from fastapi_bgtasks.worker.client import WorkerClient
-from fastapi_bgtasks.worker.runtime import Held, Worker, WorkerConfig, _Pending
+from fastapi_bgtasks.worker.config import WorkerConfig
+from fastapi_bgtasks.worker.held import HeldRun
+from fastapi_bgtasks.worker.reporter import ReportQueue
+from fastapi_bgtasks.worker.runtime import Worker
 from tests import timing
 from tests.harness.procs import Proc, start_app, start_worker
 
@@ -65,20 +69,19 @@ def hub(tmp_path: Path, calls: Calls) -> BgTasks:
 
 @pytest.fixture
 async def make_worker(hub: BgTasks) -> AsyncIterator[Callable[[], Worker]]:
-    """Workers of the hub's task with an HTTP client that never connects."""
-    clients: list[WorkerClient] = []
+    """Workers of the hub's task whose HTTP client never connects."""
+    workers: list[Worker] = []
 
     def make() -> Worker:
-        worker = Worker(hub, ["echo"], WorkerConfig(url=URL, handle_signals=False))
-        worker.client = WorkerClient(URL, None, worker.worker_id, timeout=10.0)
-        clients.append(worker.client)
+        worker = Worker(hub.registry, ["echo"], WorkerConfig(url=URL, handle_signals=False))
+        workers.append(worker)
         return worker
 
     try:
         yield make
     finally:
-        for client in clients:
-            await client.aclose()
+        for worker in workers:
+            await worker.client.aclose()
 
 
 @pytest.fixture
@@ -95,16 +98,15 @@ def skew(request: pytest.FixtureRequest) -> float:
 def connect(worker: Worker, *, asked_at: float, clock: float | None) -> None:
     """The worker asked for its feed at `asked_at` (our clock); the app wrote
     the hello at `clock` (its clock)."""
-    assert worker.client is not None
-    worker.client.feed_asked_at = asked_at
-    worker._hello(
+    worker.on_hello(
         Hello(
             worker_id=worker.worker_id,
             lease_seconds=LEASE,
             heartbeat_seconds=LEASE / 8,
             report_interval=0.02,
             clock=clock,
-        )
+        ),
+        asked_at=asked_at,
     )
 
 
@@ -120,12 +122,12 @@ def delivery(leased_at: float | None) -> Delivery:
     )
 
 
-async def receive(worker: Worker, leased: Delivery) -> Held:
+async def receive(worker: Worker, leased: Delivery) -> HeldRun:
     """Hand the delivery to the worker; its run is cancelled before it starts."""
     async with anyio.create_task_group() as tg:
-        worker._receive(leased, tg)
+        held = worker.receive(leased, tg)
         tg.cancel_scope.cancel()
-    return worker.held[leased.id]
+    return held
 
 
 # -- the freshness decision ------------------------------------------------------
@@ -260,16 +262,16 @@ async def test_a_fresh_delivery_is_called_before_the_app_answers_its_running_rep
     asked = time.monotonic()
     connect(worker, asked_at=asked, clock=asked + 1e6)
     leased = delivery(leased_at=asked + 1e6)
+    queue = worker.reporter.queue
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            worker._runs = tg
-            worker._receive(leased, tg)
+            worker.receive(leased, tg)
             await calls.called.wait()
-            while not any(p.report.state == "COMPLETED" for p in worker._pending):
+            while not any(q.report.state == "COMPLETED" for q in queue.queued):
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
     assert calls.values == [7]
-    queued = [(p.report.state, p.report.run_id, p.report.result) for p in worker._pending]
+    queued = [(q.report.state, q.report.run_id, q.report.result) for q in queue.queued]
     assert queued == [("COMPLETED", leased.id, 7)]
 
 
@@ -281,17 +283,15 @@ async def test_a_delivery_not_provably_fresh_waits_for_its_running_report_to_be_
     asked = time.monotonic()
     connect(worker, asked_at=asked, clock=asked + 1e6)
     leased = delivery(leased_at=None)
+    queue = worker.reporter.queue
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            worker._runs = tg
-            worker._receive(leased, tg)
-            await worker._urgent.wait()  # the start report, sent at once
-            [pending] = worker._pending
-            assert (pending.report.state, pending.report.run_id) == ("RUNNING", leased.id)
+            worker.receive(leased, tg)
+            await queue.urgent.wait()  # the start report, sent at once
+            [start] = queue.take_batch(max_body_bytes=1 << 20)
+            assert (start.report.state, start.report.run_id) == ("RUNNING", leased.id)
             assert calls.values == []
-            del worker._pending[0]
-            assert pending.on_outcome is not None
-            pending.on_outcome("accepted")
+            queue.settle([Outcome.ACCEPTED])
             await calls.called.wait()
             tg.cancel_scope.cancel()
     assert calls.values == [7]
@@ -352,29 +352,29 @@ def _running_and_final(d: Delivery) -> tuple[Report, Report]:
     return running, Report(run_id=d.id, lease_token=d.lease_token, state="COMPLETED", result=1)
 
 
-async def test_an_unsent_running_report_gives_way_to_the_completed_one(worker: Worker) -> None:
-    d = delivery(leased_at=None)
-    running, final = _running_and_final(d)
-    worker._pending = [_Pending(running, None)]
-    worker._drop_unsent_running(final)
-    assert worker._pending == []
+async def test_an_unsent_running_report_gives_way_to_the_completed_one() -> None:
+    queue = ReportQueue()
+    running, final = _running_and_final(delivery(leased_at=None))
+    queue.enqueue(running)
+    queue.enqueue(final)
+    assert [q.report for q in queue.queued] == [final]
 
 
-async def test_a_running_report_being_sent_is_never_dropped(worker: Worker) -> None:
+async def test_a_running_report_being_sent_is_never_dropped() -> None:
     """The reports in flight are removed by position once the request
     returns: taking one out from under it would drop another report."""
-    d = delivery(leased_at=None)
-    running, final = _running_and_final(d)
-    worker._pending = [_Pending(running, None)]
-    worker._in_flight = 1
-    worker._drop_unsent_running(final)
-    assert [p.report for p in worker._pending] == [running]
+    queue = ReportQueue()
+    running, final = _running_and_final(delivery(leased_at=None))
+    queue.enqueue(running)
+    assert len(queue.take_batch(max_body_bytes=1 << 20)) == 1
+    queue.enqueue(final)
+    assert [q.report for q in queue.queued] == [running, final]
 
 
-async def test_a_running_report_of_another_lease_is_kept(worker: Worker) -> None:
-    d = delivery(leased_at=None)
-    running, final = _running_and_final(d)
+async def test_a_running_report_of_another_lease_is_kept() -> None:
+    queue = ReportQueue()
+    running, final = _running_and_final(delivery(leased_at=None))
     other = final.model_copy(update={"lease_token": "another-lease"})
-    worker._pending = [_Pending(running, None)]
-    worker._drop_unsent_running(other)
-    assert [p.report for p in worker._pending] == [running]
+    queue.enqueue(running)
+    queue.enqueue(other)
+    assert [q.report for q in queue.queued] == [running, other]

@@ -1,0 +1,120 @@
+"""The runs a worker holds a lease on, from delivery to its final report.
+The feed adds them, execution moves each through its phases, heartbeats
+renew and fence them, and a landed final report lets it go.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from ..states import Outcome, StopReason
+from ..wire import Delivery
+from .context import RunContext
+
+__all__ = ["HeldRun", "Phase", "Roster"]
+
+log = logging.getLogger("fastapi_bgtasks.worker")
+
+
+class Phase(enum.Enum):
+    """Where a held run is in this worker. RECEIVED waits for a slot (and,
+    unless fresh, for the app to accept its start); STARTED has a slot;
+    FINISHED has its final report queued (or none: the lease was lost);
+    REPORTED: the app answered it, and the run is no longer held."""
+
+    RECEIVED = "received"
+    STARTED = "started"
+    FINISHED = "finished"
+    REPORTED = "reported"
+
+
+@dataclass
+class HeldRun:
+    """A run this worker holds a lease on."""
+
+    delivery: Delivery
+    context: RunContext
+    # Our clock when the lease was last known good: fencing counts from it.
+    last_renewed: float
+    fresh: bool = False  # provably leased moments ago: start without confirming
+    phase: Phase = Phase.RECEIVED
+    stop_reason: StopReason | None = None
+    # What `stop()` cancels: the task's scope (async tasks only) and the
+    # wait for a slot.
+    scope: anyio.CancelScope | None = None
+    wait_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    deadline_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+    @property
+    def started(self) -> bool:
+        return self.phase is not Phase.RECEIVED
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.FINISHED, Phase.REPORTED)
+
+    @property
+    def lease(self) -> tuple[uuid.UUID, str]:
+        return self.delivery.id, self.delivery.lease_token
+
+    def stop(self, reason: StopReason) -> None:
+        """Ask the run to stop; the first reason given decides its final
+        report. An async task is cancelled; a sync task's thread cannot be,
+        so it only sees `cancelled()` turn true and keeps its slot and lease
+        until it returns."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.context.stop.set()
+        self.wait_scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def running_answered(self, outcome: Outcome) -> None:
+        """The app's answer to this run's RUNNING report: refused means the
+        lease went elsewhere, so the run must stop."""
+        if outcome in (Outcome.STALE, Outcome.UNKNOWN):
+            log.warning("Run %s is no longer ours (%s); stopping it", self.delivery.id, outcome)
+            self.stop(StopReason.LOST)
+
+
+class Roster:
+    """The held runs by id, and a wake-up each time one finishes (the drain
+    waits on conditions over them)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[uuid.UUID, HeldRun] = {}
+        self._finished = anyio.Event()  # replaced each time a run finishes
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def get(self, run_id: uuid.UUID) -> HeldRun | None:
+        return self.runs.get(run_id)
+
+    def add(self, held: HeldRun) -> None:
+        self.runs[held.delivery.id] = held
+
+    def all(self) -> list[HeldRun]:
+        return list(self.runs.values())
+
+    def finish(self, held: HeldRun) -> None:
+        if not held.finished:
+            held.phase = Phase.FINISHED
+        self._finished.set()
+        self._finished = anyio.Event()
+
+    def release(self, held: HeldRun) -> None:
+        """No longer ours: its final report landed, or it has none."""
+        self.finish(held)
+        held.phase = Phase.REPORTED
+        self.runs.pop(held.delivery.id, None)
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._finished.wait()
