@@ -214,7 +214,7 @@ class Executor:
                 ReportKind.FAILED, error=ErrorInfo(type="NotSerializable", message=message)
             )
         if size > limit:
-            message = f"The result is {size} bytes as JSON; the limit is {limit}."
+            message = f"The result is {size} bytes as stored JSON (UTF-8); the limit is {limit}."
             return Verdict(
                 ReportKind.FAILED, error=ErrorInfo(type="ResultTooLarge", message=message)
             )
