@@ -1,5 +1,6 @@
-"""A host app whose results may be at most 1000 bytes as stored, and a task
-returning `n` CJK characters (3 UTF-8 bytes each, 6 as JSON escapes)."""
+"""The host app of tests/worker/: results may be at most 1000 bytes as
+stored; one task returns `n` CJK characters (3 UTF-8 bytes each, 6 as JSON
+escapes), another raises an exception whose message is not valid Unicode."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ bg = BgTasks(os.environ.get("BGTASKS_DATABASE_URL"), max_result_bytes=LIMIT)
 @bg.task
 async def cjk(n: int) -> str:
     return "語" * n
+
+
+@bg.task
+async def unspeakable() -> None:
+    raise ValueError("lone surrogate: \udcff end")
 
 
 app = FastAPI(lifespan=bg.lifespan)
