@@ -23,10 +23,11 @@ log = logging.getLogger("fastapi_bgtasks.worker")
 
 
 class Phase(enum.Enum):
-    """Where a held run is in this worker. RECEIVED waits for a slot (and,
-    unless fresh, for the app to accept its start); STARTED has a slot;
-    FINISHED has its final report queued (or none: the lease was lost);
-    REPORTED: the app answered it, and the run is no longer held."""
+    """Where a held run is in this worker. RECEIVED waits for a slot;
+    STARTED has one (it waits for the app to accept its start unless it is
+    fresh, then runs); FINISHED has its final report queued (or none: the
+    lease was lost); REPORTED: the app answered it, and the run is no longer
+    held."""
 
     RECEIVED = "received"
     STARTED = "started"
@@ -58,10 +59,6 @@ class HeldRun:
     @property
     def finished(self) -> bool:
         return self.phase in (Phase.FINISHED, Phase.REPORTED)
-
-    @property
-    def lease(self) -> tuple[uuid.UUID, str]:
-        return self.delivery.id, self.delivery.lease_token
 
     def stop(self, reason: StopReason) -> None:
         """Ask the run to stop; the first reason given decides its final
