@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import anyio
 
@@ -170,7 +170,8 @@ class BgTasks:
 
         if fn is not None:
             return register(fn)
-        return register  # type: ignore[return-value]  # TaskDecorator's overloads, at run time
+        # One function serves both of TaskDecorator's overloads at run time.
+        return cast("TaskDecorator", register)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         return self.registry.get(name)
