@@ -82,16 +82,16 @@ class Settings:
             raise ConfigurationError("auth= must be Depends(callable) or a callable")
         reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
         return cls(
-            database_url=database_url
-            or os.environ.get("BGTASKS_DATABASE_URL")
+            database_url=_text("database_url", database_url)
+            or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
             or DEFAULT_DATABASE_URL,
             lease_seconds=lease,
             heartbeat_seconds=heartbeat,
             report_interval=_at_least("report_interval", report_interval, 0.0),
             max_rescues=_count("max_rescues", max_rescues, 0),
-            token=token if token is not None else os.environ.get("BGTASKS_TOKEN") or None,
+            token=_option("token", token, "BGTASKS_TOKEN"),
             auth=auth,
-            remote_url=url if url is not None else os.environ.get("BGTASKS_URL") or None,
+            remote_url=_url(_option("url", url, "BGTASKS_URL")),
             max_body_bytes=_count("max_body_bytes", max_body_bytes, 1),
             max_args_bytes=_count("max_args_bytes", max_args_bytes, 1),
             max_result_bytes=_count("max_result_bytes", max_result_bytes, 1),
@@ -103,6 +103,29 @@ class Settings:
             max_list_limit=_count("max_list_limit", max_list_limit, 1),
             pool_size=_count("pool_size", pool_size, 1),
         )
+
+
+def _text(name: str, value: Any) -> str | None:
+    """A string option; None and "" mean "not given"."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string, not {value!r}")
+    return value or None
+
+
+def _option(name: str, value: Any, variable: str) -> str | None:
+    """The argument if given (even ""), else the environment variable."""
+    if value is not None:
+        return _text(name, value)
+    return _text(variable, os.environ.get(variable))
+
+
+def _url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ConfigurationError(
+            f"url (or BGTASKS_URL) must be the http:// or https:// URL of the mounted "
+            f"task API, not {value!r}"
+        )
+    return value
 
 
 def _number(name: str, value: Any) -> float:

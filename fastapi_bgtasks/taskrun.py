@@ -8,7 +8,7 @@ script or a task running in a worker.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import anyio
 
@@ -16,10 +16,10 @@ from .errors import TaskRunFailed
 from .states import RunState
 from .wire import RunDocument
 
-if TYPE_CHECKING:
-    from .tasks import Task
+__all__ = ["ResultLoader", "RunReader", "TaskRun"]
 
-__all__ = ["RunReader", "TaskRun"]
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class RunReader(Protocol):
@@ -28,12 +28,18 @@ class RunReader(Protocol):
     async def read_run(self, run_id: uuid.UUID) -> RunDocument: ...
 
 
-class TaskRun:
-    """A stored run. `state` is as of the last read: refresh(), wait() and
-    result() read it again."""
+class ResultLoader(Protocol[T_co]):
+    """Turns a stored result back into the task's return type: its `Task`."""
+
+    def load_result(self, value: Any) -> T_co: ...
+
+
+class TaskRun(Generic[T]):
+    """A stored run of a task whose awaited result is a `T`. `state` is as
+    of the last read: refresh(), wait() and result() read it again."""
 
     def __init__(
-        self, document: RunDocument, reader: RunReader, task: Task[Any, Any] | None
+        self, document: RunDocument, reader: RunReader, task: ResultLoader[T] | None
     ) -> None:
         self.document = document
         self._reader = reader
@@ -73,7 +79,7 @@ class TaskRun:
                 await self.refresh()
         return self.document.state
 
-    async def result(self, timeout: float | None = None) -> Any:
+    async def result(self, timeout: float | None = None) -> T:
         """The task's return value, validated against its return annotation.
 
         Raises TaskRunFailed for a run that ended FAILED, CRASHED or CANCELLED.
@@ -89,5 +95,5 @@ class TaskRun:
                 error.message if error else None,
             )
         if self._task is None:
-            return doc.result
+            return cast("T", doc.result)
         return self._task.load_result(doc.result)

@@ -1,84 +1,115 @@
-"""The `@bg.task` decorator's product: a function plus how to defer it.
+"""The `@bg.task` decorator's product: a function plus how to defer it, and
+the registry a worker finds tasks in.
 
-A `Task` owns the pydantic models built from its signature, so arguments are
-checked where the run is submitted (nothing bad is stored) and checked again
-in the worker, where JSON becomes typed values before the call.
+`Task[P, T]` carries the function's parameters `P` and its *awaited* result
+`T` (an `async def f(x: int) -> str` is a `Task[[int], str]`), so
+`await (await f.delay(1)).result()` is typed `str`. Calling a task runs the
+plain function: `SyncTask` returns its value, `AsyncTask` its coroutine.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
-import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, Protocol, TypeVar
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PydanticSchemaGenerationError,
-    PydanticUserError,
-    TypeAdapter,
-    create_model,
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
 )
-from pydantic_core import PydanticSerializationError
 
-from .errors import (
-    ConfigurationError,
-    DuplicateTaskName,
-    NotSerializable,
-    PayloadTooLarge,
-    TaskNotFound,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .codec import Codec
+from .errors import ConfigurationError, DuplicateTaskName, TaskNotFound
+from .schedule import NOW, Schedule
+from .taskrun import TaskRun
 
 if TYPE_CHECKING:
     import asyncio
+    import uuid
 
-    from .taskrun import TaskRun
+    from .wire import RunDocument
 
-__all__ = ["Dispatcher", "Task", "TaskOptions", "TaskRegistry"]
+__all__ = [
+    "AsyncTask",
+    "Dispatcher",
+    "RemoteRoute",
+    "SyncTask",
+    "Task",
+    "TaskDecorator",
+    "TaskOptions",
+    "TaskRegistry",
+]
 
 P = ParamSpec("P")
-R = TypeVar("R")
+T = TypeVar("T")
 
 OnWorkerLost = Literal["retry", "fail"]
 
 
 class Dispatcher(Protocol):
     """What a task's `delay`, `map`, `delay_sync` and `serve` call on: the
-    hub, which knows where this process's submissions go."""
+    hub's dispatch, which knows where this process's submissions go."""
 
     async def submit(
-        self,
-        task: Task[Any, Any],
-        args: Sequence[Any],
-        kwargs: dict[str, Any],
-        *,
-        countdown: float | None = None,
-        eta: datetime | None = None,
-        idempotency_key: str | None = None,
-        priority: int = 0,
-    ) -> TaskRun: ...
+        self, task: Task[Any, T], args: Sequence[Any], kwargs: dict[str, Any], schedule: Schedule
+    ) -> TaskRun[T]: ...
 
     async def submit_map(
-        self, task: Task[Any, Any], iterables: Sequence[Iterable[Any]], static: dict[str, Any]
-    ) -> list[TaskRun]: ...
+        self, task: Task[Any, T], iterables: Sequence[Iterable[Any]], static: dict[str, Any]
+    ) -> list[TaskRun[T]]: ...
 
     def submit_sync(
-        self, task: Task[Any, Any], args: Sequence[Any], kwargs: dict[str, Any]
-    ) -> TaskRun: ...
+        self, task: Task[Any, T], args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> TaskRun[T]: ...
 
     def serve(self, *tasks: Task[Any, Any], url: str | None = None, **options: Any) -> None: ...
 
 
 class RemoteRoute(Protocol):
-    """Where a worker sends what its tasks submit: the app that feeds it."""
+    """Where a worker sends what its tasks submit: the app that feeds it
+    (`client.HttpRoute`)."""
+
+    async def submit(
+        self,
+        task: Task[Any, Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        *,
+        countdown: float | None,
+        eta: datetime | None,
+        idempotency_key: str | None,
+        priority: int,
+    ) -> RunDocument: ...
+
+    async def submit_many(
+        self, task: Task[Any, Any], calls: list[tuple[list[Any], dict[str, Any]]]
+    ) -> list[RunDocument]: ...
+
+    async def read_run(self, run_id: uuid.UUID) -> RunDocument: ...
 
     async def aclose(self) -> None: ...
+
+
+class TaskDecorator(Protocol):
+    """What `@bg.task(...)` with options returns."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]  # an async def matches both; first wins
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /
+    ) -> AsyncTask[P, T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> SyncTask[P, T]: ...
 
 
 class TaskRegistry:
@@ -108,14 +139,23 @@ class TaskRegistry:
     def __repr__(self) -> str:
         return f"<TaskRegistry tasks={sorted(self.tasks)}>"
 
-    def add(self, fn: Callable[P, R], name: str | None, options: TaskOptions) -> Task[P, R]:
+    @overload
+    def add(  # type: ignore[overload-overlap]  # an async def matches both; first wins
+        self, fn: Callable[P, Coroutine[Any, Any, T]], name: str | None, options: TaskOptions
+    ) -> AsyncTask[P, T]: ...
+
+    @overload
+    def add(self, fn: Callable[P, T], name: str | None, options: TaskOptions) -> SyncTask[P, T]: ...
+
+    def add(self, fn: Callable[..., Any], name: str | None, options: TaskOptions) -> Task[Any, Any]:
         """Register `fn` under `name` (default: its `__name__`)."""
         if isinstance(fn, Task):
             fn = fn.fn
         task_name = name or getattr(fn, "__name__", None)
         if not task_name or len(task_name) > 200 or not task_name.isprintable():
             raise ConfigurationError(f"Invalid task name {task_name!r}")
-        task = Task(fn, registry=self, name=task_name, options=options)
+        kind: type[Task[Any, Any]] = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
+        task = kind(fn, registry=self, name=task_name, options=options)
         existing = self.tasks.get(task_name)
         if existing is not None and not _same_function(existing.fn, fn):
             raise DuplicateTaskName(
@@ -163,6 +203,29 @@ class TaskOptions(BaseModel):
     max_rescues: int | None = Field(default=None, ge=0, le=1000)
     on_worker_lost: OnWorkerLost = "retry"
 
+    @classmethod
+    def build(
+        cls,
+        *,
+        retries: int,
+        retry_delay_seconds: float | Sequence[float],
+        timeout_seconds: float | None,
+        max_rescues: int | None,
+        on_worker_lost: OnWorkerLost,
+    ) -> TaskOptions:
+        """`@bg.task`'s keyword arguments, checked; `ConfigurationError` if not."""
+        delays = retry_delay_seconds
+        try:
+            return cls(
+                retries=retries,
+                retry_delay_seconds=tuple(delays) if isinstance(delays, Sequence) else delays,
+                timeout_seconds=timeout_seconds,
+                max_rescues=max_rescues,
+                on_worker_lost=on_worker_lost,
+            )
+        except ValidationError as exc:
+            raise ConfigurationError(f"Invalid task options: {exc}") from exc
+
     def retry_delays(self) -> list[float]:
         """The back-off before retry 1, 2, ...; the last value repeats."""
         delays = self.retry_delay_seconds
@@ -175,68 +238,16 @@ class TaskOptions(BaseModel):
         return [float(d) for d in values]
 
 
-# NaN and infinities are not JSON: refused when typed as floats, and kept as
-# constants (then refused as NotSerializable) when they hide under `Any`.
-_ARG_CONFIG = ConfigDict(
-    allow_inf_nan=False, populate_by_name=False, extra="forbid", ser_json_inf_nan="constants"
-)
-
-
-def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(fn, include_extras=True)
-    except Exception:
-        # A forward reference that cannot be resolved yet: validate it as Any
-        # rather than refuse the task.
-        return {}
-
-
-def _arguments_model(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel], dict[str, str]]:
-    """A model whose fields are the parameters. Field names are positional
-    (`p0`, `p1`...) with the parameter name as alias, so parameters pydantic
-    would not take as field names (`_private`, `model_config`) still work."""
-    hints = _type_hints(fn)
-    fields: dict[str, Any] = {}
-    aliases: dict[str, str] = {}
-    for i, param in enumerate(inspect.signature(fn).parameters.values()):
-        annotation = hints.get(param.name, Any)
-        if param.kind is inspect.Parameter.VAR_POSITIONAL:
-            annotation = list[annotation]  # type: ignore[valid-type]
-            default: Any = ()
-        elif param.kind is inspect.Parameter.VAR_KEYWORD:
-            annotation = dict[str, annotation]  # type: ignore[valid-type]
-            default = {}
-        else:
-            default = ... if param.default is inspect.Parameter.empty else param.default
-        field = f"p{i}"
-        aliases[param.name] = field
-        fields[field] = (annotation, Field(default, alias=param.name))
-    try:
-        model = create_model(f"{name}_arguments", __config__=_ARG_CONFIG, **fields)
-    except (PydanticSchemaGenerationError, TypeError) as exc:
-        raise ConfigurationError(
-            f"Task {name!r}: a parameter's type cannot be carried as JSON ({exc}). "
-            "Annotate parameters with JSON-friendly types or pydantic models."
-        ) from exc
-    return model, aliases
-
-
-def _result_adapter(annotation: Any) -> TypeAdapter[Any]:
-    # NaN and infinities kept as themselves (then refused by json.dumps),
-    # not silently turned into null. Models carry their own config.
-    try:
-        return TypeAdapter(annotation, config=ConfigDict(ser_json_inf_nan="constants"))
-    except PydanticUserError:
-        return TypeAdapter(annotation)
-
-
-class Task(Generic[P, R]):
+class Task(Generic[P, T]):
     """A function registered on a hub. Calling it runs it now, like the plain
-    function; `delay` and `apply_async` store a run for a worker instead."""
+    function; `delay` and `apply_async` store a run for a worker instead.
+    `T` is what the function returns once awaited: `result()` gives a `T`."""
+
+    fn: Callable[P, Any]
 
     def __init__(
         self,
-        fn: Callable[P, R],
+        fn: Callable[P, Any],
         *,
         registry: TaskRegistry,
         name: str,
@@ -249,23 +260,15 @@ class Task(Generic[P, R]):
         self.name = name
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
-        self._signature = inspect.signature(fn)
-        self._args_model, _ = _arguments_model(fn, name)
-        hints = _type_hints(fn)
-        try:
-            self._result_adapter: TypeAdapter[Any] = _result_adapter(hints.get("return", Any))
-        except (PydanticSchemaGenerationError, PydanticUserError) as exc:
-            raise ConfigurationError(
-                f"Task {name!r}: its return type cannot be carried as JSON ({exc})."
-            ) from exc
+        self.codec = Codec(fn, name)
         self.retry_delays = options.retry_delays()
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r} of {self.fn.__module__}.{self.fn.__qualname__}>"
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.fn(*args, **kwargs)
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T | Coroutine[Any, Any, T]:
+        return cast("T | Coroutine[Any, Any, T]", self.fn(*args, **kwargs))
 
     @property
     def max_attempts(self) -> int:
@@ -279,7 +282,7 @@ class Task(Generic[P, R]):
             return self.options.max_rescues
         return self.registry.max_rescues
 
-    # -- arguments -------------------------------------------------------
+    # -- arguments and results as JSON (see codec) -----------------------
 
     def dump_arguments(
         self, args: Sequence[Any], kwargs: dict[str, Any]
@@ -289,95 +292,27 @@ class Task(Generic[P, R]):
         Raises pydantic's `ValidationError` for a bad call, `NotSerializable`
         for values JSON cannot carry, and `PayloadTooLarge` over the hub's limit.
         """
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise self._binding_error(exc, args, kwargs) from None
-        model = self._args_model.model_validate(bound.arguments)
-        try:
-            data = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        except PydanticSerializationError as exc:
-            raise NotSerializable(
-                f"Arguments of task {self.name!r} cannot be carried as JSON: {exc}"
-            ) from exc
-        json_args, json_kwargs = self._split(data)
-        try:
-            encoded = json.dumps(
-                [json_args, json_kwargs], separators=(",", ":"), allow_nan=False, ensure_ascii=False
-            ).encode()
-        except UnicodeEncodeError as exc:
-            raise NotSerializable(
-                f"Arguments of task {self.name!r} hold text that is not valid Unicode "
-                "(a lone surrogate), which cannot be stored."
-            ) from exc
-        except ValueError as exc:
-            raise NotSerializable(
-                f"Arguments of task {self.name!r} hold NaN or an infinity, which JSON cannot carry."
-            ) from exc
-        size = len(encoded)
-        if size > self.registry.max_args_bytes:
-            raise PayloadTooLarge(
-                f"Arguments of task {self.name!r} are {size} bytes as JSON; "
-                f"the limit is {self.registry.max_args_bytes} (max_args_bytes)."
-            )
-        return json_args, json_kwargs
+        return self.codec.dump_arguments(args, kwargs, max_bytes=self.registry.max_args_bytes)
 
     def load_arguments(
         self, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Stored JSON back to typed values, validated again (the worker side)."""
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise self._binding_error(exc, args, kwargs) from None
-        model = self._args_model.model_validate(bound.arguments)
-        values = {
-            name: getattr(model, f"p{i}")
-            for i, name in enumerate(self._signature.parameters)
-            if name in bound.arguments
-        }
-        rebound = inspect.BoundArguments(self._signature, values)
-        return rebound.args, rebound.kwargs
-
-    def _split(self, data: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        # Only the arguments the caller passed are stored (defaults apply in
-        # the worker), normalised: whatever can be passed by position is.
-        bound = inspect.BoundArguments(self._signature, data)
-        return list(bound.args), dict(bound.kwargs)
-
-    def _binding_error(self, exc: TypeError, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
-
-        detail: InitErrorDetails = {
-            "type": PydanticCustomError("arguments_mismatch", str(exc)),
-            "loc": ("arguments",),
-            "input": {"args": list(args), "kwargs": kwargs},
-        }
-        return ValidationError.from_exception_data(f"{self.name} arguments", [detail])
-
-    # -- results ---------------------------------------------------------
+        return self.codec.load_arguments(args, kwargs)
 
     def dump_result(self, value: Any) -> Any:
         """A return value as JSON; raises NotSerializable naming the type."""
-        try:
-            result = self._result_adapter.dump_python(value, mode="json")
-            json.dumps(result, allow_nan=False, ensure_ascii=False).encode()
-        except (PydanticSerializationError, ValueError) as exc:  # incl. UnicodeEncodeError
-            raise NotSerializable(
-                f"Task {self.name!r} returned a {type(value).__name__}, "
-                f"which cannot be carried as JSON: {exc}"
-            ) from exc
-        return result
+        return self.codec.dump_result(value)
 
-    def load_result(self, value: Any) -> Any:
+    def load_result(self, value: Any) -> T:
         """A stored result back to the declared return type."""
-        return self._result_adapter.validate_python(value)
+        return cast("T", self.codec.load_result(value))
 
     # -- deferring -------------------------------------------------------
 
-    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[T]:
         """Store a run of this task for a worker, and return it SCHEDULED."""
-        return await self.registry.dispatcher.submit(self, args, kwargs)
+        return await self.registry.dispatcher.submit(self, args, kwargs, NOW)
 
     async def apply_async(
         self,
@@ -388,21 +323,16 @@ class Task(Generic[P, R]):
         eta: datetime | None = None,
         idempotency_key: str | None = None,
         priority: int = 0,
-    ) -> TaskRun:
+    ) -> TaskRun[T]:
         """`delay` with scheduling: `countdown` seconds or an aware `eta`, an
         idempotency key (a repeat returns the stored run), and a priority
         (higher runs first)."""
+        schedule = Schedule(countdown, eta, idempotency_key, priority)
         return await self.registry.dispatcher.submit(
-            self,
-            tuple(args),
-            dict(kwargs or {}),
-            countdown=countdown,
-            eta=eta,
-            idempotency_key=idempotency_key,
-            priority=priority,
+            self, tuple(args), dict(kwargs or {}), schedule
         )
 
-    async def map(self, *iterables: Iterable[Any], **static: Any) -> list[TaskRun]:
+    async def map(self, *iterables: Iterable[Any], **static: Any) -> list[TaskRun[T]]:
         """One run per item, like the builtin `map`: `zip(*iterables)` gives
         each run's positional arguments (the iterables must be as long as
         each other), `static` keyword arguments go to every run. Every call
@@ -410,10 +340,29 @@ class Task(Generic[P, R]):
         one transaction, or none."""
         return await self.registry.dispatcher.submit_map(self, iterables, static)
 
-    def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun:
+    def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> TaskRun[T]:
         """`delay` for synchronous code: a sync route, a script, a sync task."""
         return self.registry.dispatcher.submit_sync(self, args, kwargs)
 
     def serve(self, url: str | None = None, **options: Any) -> None:
         """Run a worker for this task in this process until interrupted."""
         self.registry.dispatcher.serve(self, url=url, **options)
+
+
+class SyncTask(Task[P, T]):
+    """A task of a plain `def`: calling it returns what the function returns."""
+
+    fn: Callable[P, T]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.fn(*args, **kwargs)
+
+
+class AsyncTask(Task[P, T]):
+    """A task of an `async def`: calling it returns the function's coroutine;
+    its runs' results are what that coroutine returns."""
+
+    fn: Callable[P, Coroutine[Any, Any, T]]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+        return self.fn(*args, **kwargs)

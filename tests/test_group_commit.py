@@ -140,7 +140,7 @@ async def test_concurrent_submits_from_one_hub_are_all_stored_each_with_its_call
     store: Store, migrated: str
 ) -> None:
     _, task, _ = script_hub(migrated)
-    answers: dict[int, TaskRun] = {}
+    answers: dict[int, TaskRun[Any]] = {}
 
     async def caller(n: int) -> None:
         answers[n] = await task.delay(n)
@@ -206,7 +206,7 @@ async def test_cancelling_some_callers_right_after_they_start_keeps_every_other_
     count = 100
     cancelled = set(range(0, count, 4))
     scopes = {n: anyio.CancelScope() for n in range(count)}
-    answers: dict[int, TaskRun] = {}
+    answers: dict[int, TaskRun[Any]] = {}
 
     async def caller(n: int) -> None:
         with scopes[n]:
@@ -239,7 +239,7 @@ async def test_cancelling_the_caller_whose_insert_carries_a_group_still_stores_t
     await task.delay(-1)
     count = 40
     scopes = {n: anyio.CancelScope() for n in range(count)}
-    answers: dict[int, TaskRun] = {}
+    answers: dict[int, TaskRun[Any]] = {}
     errors: dict[int, Exception] = {}
 
     async def caller(n: int) -> None:
@@ -300,8 +300,8 @@ async def test_concurrent_idempotent_and_plain_submits_store_one_run_per_key(
     store: Store, migrated: str
 ) -> None:
     _, task, _ = script_hub(migrated)
-    keyed: dict[str, list[TaskRun]] = {f"key-{k}": [] for k in range(10)}
-    plain: dict[int, TaskRun] = {}
+    keyed: dict[str, list[TaskRun[Any]]] = {f"key-{k}": [] for k in range(10)}
+    plain: dict[int, TaskRun[Any]] = {}
 
     async def with_key(k: int) -> None:
         keyed[f"key-{k}"].append(await task.apply_async([k], idempotency_key=f"key-{k}"))

@@ -319,7 +319,7 @@ async def test_post_runs_batch_with_one_invalid_call_is_a_422_and_stores_nothing
     served: tuple[str, str],
 ) -> None:
     base, db_url = served
-    items = [([i, i], {}) for i in range(50)]
+    items: list[tuple[list[Any], dict[str, Any]]] = [([i, i], {}) for i in range(50)]
     items[40] = (["forty", 40], {})
     before = await count_runs_at(db_url)
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:

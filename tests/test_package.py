@@ -129,6 +129,70 @@ def test_a_worker_process_imports_no_sqlalchemy_and_no_fastapi() -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_importing_the_package_imports_no_sqlalchemy_and_no_fastapi() -> None:
+    script = (
+        "import sys\n"
+        "import fastapi_bgtasks\n"
+        "heavy = ('sqlalchemy', 'fastapi', 'starlette', 'sse_starlette')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth and under TYPE_CHECKING too,
+    as absolute names (`fastapi_bgtasks.hub`, `sqlalchemy.ext`)."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = parts if path.name == "__init__.py" else parts[:-1]
+    if package[-1:] == ["__init__"]:
+        package = package[:-1]
+    found: set[str] = set()
+    for node in ast.walk(parsed(path)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def package_imports(path: Path) -> set[str]:
+    return {name for name in imported_modules(path) if name.startswith("fastapi_bgtasks.")}
+
+
+@pytest.mark.parametrize(
+    "name", ["submit", "tasks", "taskrun", "dispatch", "codec", "schedule", "settings"]
+)
+def test_the_submission_modules_never_import_the_hub(name: str) -> None:
+    imports = package_imports(PACKAGE / f"{name}.py")
+    assert "fastapi_bgtasks.hub" not in imports
+
+
+@pytest.mark.parametrize("name", ["errors", "states"])
+def test_the_leaf_modules_import_nothing_from_the_package(name: str) -> None:
+    assert package_imports(PACKAGE / f"{name}.py") == set()
+
+
+def test_only_the_store_imports_sqlalchemy() -> None:
+    found = [
+        str(path.relative_to(PACKAGE))
+        for path in SOURCES
+        if any(name.split(".")[0] == "sqlalchemy" for name in imported_modules(path))
+    ]
+    assert found and all(name.startswith("store/") for name in found), found
+
+
 def test_the_worker_cli_help_exits_0() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fastapi_bgtasks.worker", "--help"],

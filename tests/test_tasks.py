@@ -438,7 +438,7 @@ async def test_delay_with_bad_arguments_raises_before_opening_the_store(tmp_path
         return None
 
     with pytest.raises(ValidationError):
-        await job.delay("three")
+        await job.delay("three")  # type: ignore[arg-type]
     assert not (tmp_path / "x.db").exists()
 
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Header, Response
 
-from ..submit import StoreRoute
+from ..schedule import Schedule
+from ..submit import Destination, StoreRoute, Where, submit_call, submit_calls
 from ..wire import ErrorBody, MapRequest, MapResponse, RunDocument, SubmitRequest
 from .access import operator_access
 from .context import require_running
@@ -23,8 +24,6 @@ __all__ = ["submit_router"]
 
 def submit_router(hub: ServerHub) -> Any:
     """`POST /runs`: submit a run by task name (operators, other services)."""
-    from ..submit import check_schedule
-
     router = APIRouter()
 
     @router.post(
@@ -49,20 +48,10 @@ def submit_router(hub: ServerHub) -> Any:
         idempotency_key: str | None = Header(default=None, max_length=200),
     ) -> RunDocument:
         task = hub.get_task(body.task)
-        check_schedule(body.countdown, body.eta, body.priority)
         key = body.idempotency_key or idempotency_key
-        args, kwargs = task.dump_arguments(body.args, body.kwargs)
-        running = require_running(hub)
-        route = StoreRoute(running.store, running.wakeups)
-        document, created = await route.submit_row(
-            task,
-            args,
-            kwargs,
-            countdown=body.countdown,
-            eta=body.eta,
-            idempotency_key=key,
-            priority=body.priority,
-        )
+        schedule = Schedule(body.countdown, body.eta, key, body.priority)
+        where = _lifespan_store(hub)
+        document, created = await submit_call(where, task, body.args, body.kwargs, schedule)
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
         return document
@@ -83,9 +72,17 @@ def submit_router(hub: ServerHub) -> Any:
     )
     async def submit_runs(body: MapRequest) -> MapResponse:
         task = hub.get_task(body.task)
-        calls = [task.dump_arguments(call.args, call.kwargs) for call in body.calls]
-        running = require_running(hub)
-        route = StoreRoute(running.store, running.wakeups)
-        return MapResponse(runs=await route.submit_many(task, calls))
+        calls = [(call.args, call.kwargs) for call in body.calls]
+        return MapResponse(runs=await submit_calls(_lifespan_store(hub), task, calls))
 
     return router
+
+
+def _lifespan_store(hub: ServerHub) -> Where:
+    """The intake's destination: the running lifespan's store (or a 503)."""
+
+    async def where() -> Destination:
+        running = require_running(hub)
+        return StoreRoute(running.store, running.wakeups)
+
+    return where

@@ -459,7 +459,7 @@ def uuid7() -> uuid.UUID:
 async def test_run_ids_are_random_uuid4_with_no_sequence(db_url: str) -> None:
     async with api(db_url) as (hub, _):
         task = hub.tasks["add"]
-        ids = [(await hub.submit(task, (i, i), {})).id for i in range(1000)]
+        ids = [(await task.delay(i, i)).id for i in range(1000)]
     assert len(set(ids)) == len(ids)
     assert {i.version for i in ids} == {4}
     assert {i.variant for i in ids} == {uuid.RFC_4122}
