@@ -6,86 +6,87 @@ them; nothing is stored unless they pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from fastapi import APIRouter, Header, Response
 
-from fastapi import APIRouter, Depends, Header, Response
+from ..errors import (
+    AccessDenied,
+    BadRequest,
+    IdempotencyConflict,
+    InvalidArguments,
+    InvalidRequest,
+    InvalidSchedule,
+    InvalidValue,
+    NotSerializable,
+    PayloadTooLarge,
+    StoreUnavailable,
+    TaskNotFound,
+)
+from ..submit import StoreRoute, check_schedule
+from ..wire import MapRequest, MapResponse, RunDocument, SubmitRequest
+from .access import OPERATOR
+from .context import Hub, Live
+from .responses import declare
 
-from ..submit import StoreRoute
-from ..wire import ErrorBody, MapRequest, MapResponse, RunDocument, SubmitRequest
-from .access import operator_access
-from .context import require_running
+__all__ = ["router"]
 
-if TYPE_CHECKING:
-    from .context import ServerHub
+router = APIRouter()
 
-__all__ = ["submit_router"]
+_REFUSALS = (
+    InvalidRequest,
+    InvalidArguments,
+    NotSerializable,
+    InvalidValue,
+    BadRequest,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
 
 
-def submit_router(hub: ServerHub) -> Any:
-    """`POST /runs`: submit a run by task name (operators, other services)."""
-    from ..submit import check_schedule
-
-    router = APIRouter()
-
-    @router.post(
-        "/runs",
-        status_code=202,
-        response_model=RunDocument,
-        response_model_exclude_none=False,
-        summary="Submit a run",
-        dependencies=[Depends(operator_access(hub))],
-        responses={
-            401: {"model": ErrorBody, "description": "No operator access"},
-            404: {"model": ErrorBody, "description": "No task of that name"},
-            409: {"model": ErrorBody, "description": "Idempotency key reused with other arguments"},
-            413: {"model": ErrorBody, "description": "Body or arguments too large"},
-            422: {"model": ErrorBody, "description": "Bad arguments or schedule"},
-            503: {"model": ErrorBody, "description": "Store unavailable"},
-        },
+@router.post(
+    "/runs",
+    status_code=202,
+    response_model=RunDocument,
+    response_model_exclude_none=False,
+    summary="Submit a run",
+    dependencies=OPERATOR,
+    responses=declare(AccessDenied, TaskNotFound, IdempotencyConflict, InvalidSchedule, *_REFUSALS),
+)
+async def submit_run(
+    body: SubmitRequest,
+    response: Response,
+    hub: Hub,
+    running: Live,
+    idempotency_key: str | None = Header(default=None, max_length=200),
+) -> RunDocument:
+    task = hub.get_task(body.task)
+    check_schedule(body.countdown, body.eta, body.priority)
+    key = body.idempotency_key or idempotency_key
+    args, kwargs = task.dump_arguments(body.args, body.kwargs)
+    route = StoreRoute(running.store, running.wakeups)
+    document, created = await route.submit_row(
+        task,
+        args,
+        kwargs,
+        countdown=body.countdown,
+        eta=body.eta,
+        idempotency_key=key,
+        priority=body.priority,
     )
-    async def submit_run(
-        body: SubmitRequest,
-        response: Response,
-        idempotency_key: str | None = Header(default=None, max_length=200),
-    ) -> RunDocument:
-        task = hub.get_task(body.task)
-        check_schedule(body.countdown, body.eta, body.priority)
-        key = body.idempotency_key or idempotency_key
-        args, kwargs = task.dump_arguments(body.args, body.kwargs)
-        running = require_running(hub)
-        route = StoreRoute(running.store, running.wakeups)
-        document, created = await route.submit_row(
-            task,
-            args,
-            kwargs,
-            countdown=body.countdown,
-            eta=body.eta,
-            idempotency_key=key,
-            priority=body.priority,
-        )
-        if not created:
-            response.headers["Idempotent-Replayed"] = "true"
-        return document
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return document
 
-    @router.post(
-        "/runs/batch",
-        status_code=202,
-        response_model=MapResponse,
-        summary="Submit many runs of one task, all or none",
-        dependencies=[Depends(operator_access(hub))],
-        responses={
-            401: {"model": ErrorBody, "description": "No operator access"},
-            404: {"model": ErrorBody, "description": "No task of that name"},
-            413: {"model": ErrorBody, "description": "Body or arguments too large"},
-            422: {"model": ErrorBody, "description": "Bad arguments (nothing is stored)"},
-            503: {"model": ErrorBody, "description": "Store unavailable"},
-        },
-    )
-    async def submit_runs(body: MapRequest) -> MapResponse:
-        task = hub.get_task(body.task)
-        calls = [task.dump_arguments(call.args, call.kwargs) for call in body.calls]
-        running = require_running(hub)
-        route = StoreRoute(running.store, running.wakeups)
-        return MapResponse(runs=await route.submit_many(task, calls))
 
-    return router
+@router.post(
+    "/runs/batch",
+    status_code=202,
+    response_model=MapResponse,
+    summary="Submit many runs of one task, all or none",
+    dependencies=OPERATOR,
+    responses=declare(AccessDenied, TaskNotFound, *_REFUSALS),
+)
+async def submit_runs(body: MapRequest, hub: Hub, running: Live) -> MapResponse:
+    task = hub.get_task(body.task)
+    calls = [task.dump_arguments(call.args, call.kwargs) for call in body.calls]
+    route = StoreRoute(running.store, running.wakeups)
+    return MapResponse(runs=await route.submit_many(task, calls))
