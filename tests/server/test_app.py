@@ -3,6 +3,7 @@ schema and docs, and the route inventory. One behaviour per test."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -175,6 +176,46 @@ async def test_the_docs_page_is_html_that_points_at_the_mounted_openapi() -> Non
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "/tasks/openapi.json" in response.text
+
+
+SNAPSHOT = Path(__file__).with_name("openapi.json")
+REGENERATE = (
+    'python -c "import json; from fastapi_bgtasks import BgTasks; '
+    "print(json.dumps(BgTasks('sqlite+aiosqlite:///:memory:').app.app.openapi(), "
+    'indent=1, sort_keys=True))" > tests/server/openapi.json'
+)
+
+
+def test_the_openapi_schema_equals_its_committed_snapshot() -> None:
+    live = BgTasks("sqlite+aiosqlite:///:memory:").app.app.openapi()
+    expected = json.loads(SNAPSHOT.read_text(encoding="utf-8"))
+    assert json.loads(json.dumps(live)) == expected, (
+        f"The OpenAPI schema changed. If on purpose, regenerate the snapshot: {REGENERATE}"
+    )
+
+
+async def test_the_list_limit_bound_in_openapi_is_the_hubs_max_list_limit(db_url: str) -> None:
+    hub = make_hub(db_url, max_list_limit=20)
+    schema = await openapi(hub)
+    (limit,) = [p for p in schema["paths"]["/runs"]["get"]["parameters"] if p["name"] == "limit"]
+    assert limit["schema"]["maximum"] == 20
+    async with serving(hub) as app, client(app) as http:
+        response = await http.get("/tasks/runs", params={"limit": 21})
+    assert_error(response, 422, "invalid_request")
+
+
+@pytest.mark.parametrize("path", ["/tasks/ru%0Ans", "/tasks/%0Aruns", "/tasks%0A/health"])
+async def test_a_path_with_a_newline_inside_is_answered_by_the_host_app(path: str) -> None:
+    async with client(host_app(make_hub("sqlite+aiosqlite:///./never-opened.db"))) as http:
+        response = await http.get(path)
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}  # FastAPI's own body, not ours
+
+
+async def test_a_path_ending_in_a_newline_is_answered_by_the_sub_app_as_not_found() -> None:
+    async with client(host_app(make_hub("sqlite+aiosqlite:///./never-opened.db"))) as http:
+        response = await http.get("/tasks/health%0A")
+    assert_error(response, 404, "not_found")
 
 
 UNGUARDED = {
