@@ -49,6 +49,11 @@ _BY_STATUS: dict[int, type[BgTasksError]] = {
     )
 }
 
+_UNREADABLE: dict[type[BaseException], str] = {
+    UnicodeDecodeError: "The request body is not valid UTF-8.",
+    RecursionError: "The request body nests too deeply.",
+}
+
 
 def declare(*errors: type[BgTasksError]) -> dict[int | str, dict[str, Any]]:
     """A route's `responses=`: each status its error classes answer with, the
@@ -93,9 +98,11 @@ async def _on_http_error(_request: Request, exc: StarletteHTTPException) -> JSON
     if cls is None:
         body = {"error": f"http_{exc.status_code}", "message": str(exc.detail), "detail": None}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-    if cls is BadRequest and isinstance(exc.__cause__, UnicodeDecodeError):
+    if cls is BadRequest:
         # FastAPI's words ("There was an error parsing the body") hide the cause.
-        return _answer(BadRequest("The request body is not valid UTF-8."), exc.headers)
+        for cause, message in _UNREADABLE.items():
+            if isinstance(exc.__cause__, cause):
+                return _answer(BadRequest(message), exc.headers)
     return _answer(cls(str(exc.detail)), exc.headers)
 
 

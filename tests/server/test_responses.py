@@ -103,3 +103,15 @@ def test_every_declared_error_names_only_codes_of_that_status_in_the_error_table
 
 def test_the_400_class_says_what_a_body_that_cannot_be_read_is() -> None:
     assert BadRequest.status_code == 400 and ERRORS["bad_request"] is BadRequest
+
+
+async def test_a_body_nested_too_deeply_is_a_400_that_says_so(db_url: str) -> None:
+    depth = 100_000
+    async with api(db_url) as (_, http):
+        response = await http.post(
+            "/tasks/runs",
+            content=b'{"task": "echo", "args": [' + b"[" * depth + b"]" * depth + b"]}",
+            headers={"Content-Type": "application/json"},
+        )
+    body = assert_error(response, 400, "bad_request")
+    assert body["message"] == "The request body nests too deeply."
