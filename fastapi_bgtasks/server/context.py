@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
     from ..store import Store
     from ..tasks import Task
-    from .access import FailureThrottle
+    from .throttle import FailureThrottle
     from .wakeups import Wakeups
 
 __all__ = ["Hub", "Live", "Running", "ServerHub", "serving_hub", "serving_lifespan"]
