@@ -266,3 +266,15 @@ def test_every_route_but_health_capabilities_and_docs_has_an_access_dependency()
             guarded.append(name)
     assert unguarded == []
     assert {"['POST'] /runs", "['GET'] /feed", "['POST'] /worker/reports"} <= set(guarded)
+
+
+def test_every_route_handler_and_access_check_is_a_module_level_function() -> None:
+    hub = make_hub("sqlite+aiosqlite:///./never-opened.db")
+    nested = []
+    for route in leaf_routes(hub.app.app.routes):
+        dependant = getattr(route, "dependant", None)
+        if dependant is None or not route.endpoint.__module__.startswith("fastapi_bgtasks"):
+            continue
+        calls = [route.endpoint, *(d.call for d in dependant.dependencies)]
+        nested += [f"{route.path}: {c.__qualname__}" for c in calls if "<locals>" in c.__qualname__]
+    assert nested == []
