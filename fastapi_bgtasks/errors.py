@@ -10,6 +10,7 @@ default message and `status_code` / `code` say how the mounted API answers it::
     ├── StoreUnavailable    503   the database cannot be reached
     ├── SubmitError               a submission that cannot be stored
     │   ├── TaskNotFound      404 no task of that name is registered
+    │   ├── InvalidArguments  422 arguments that do not match the task's signature (over HTTP)
     │   ├── InvalidSchedule   422 countdown with eta, a naive eta, a bad priority
     │   ├── NotSerializable   422 arguments or a result JSON cannot carry
     │   ├── PayloadTooLarge   413 a body, argument set or result over its limit
@@ -21,11 +22,20 @@ default message and `status_code` / `code` say how the mounted API answers it::
     ├── RunFinished           409 the run already reached a terminal state
     ├── AccessDenied          401 a missing or wrong credential
     ├── RateLimited           429 too many failures, streams or feeds
+    ├── InvalidRequest        422 a request that does not match the route's schema
+    ├── BadRequest            400 a body that cannot be read (not UTF-8, nested too deeply)
+    ├── Forbidden             403 the host's `auth=` dependency refused the caller
+    ├── RouteNotFound         404 no route has this path
+    ├── MethodNotAllowed      405 the route does not take this method
+    ├── NotAcceptable         406 the route cannot answer in an accepted media type
+    ├── UnsupportedMediaType  415 a body in a media type the route does not read
     ├── TaskRunFailed             a run ended FAILED, CRASHED or CANCELLED
     └── RemoteError               the mounted API answered with an error body
 
-Bad arguments raise pydantic's own `ValidationError` (a 422 over HTTP), so
-callers handle them the way they handle any pydantic model.
+Bad arguments raise pydantic's own `ValidationError` (a 422 over HTTP, answered
+as `InvalidArguments`), so callers handle them the way they handle any pydantic
+model. The seven classes from `InvalidRequest` on are how the mounted API
+answers what FastAPI and Starlette refuse before a route runs.
 
 `ERRORS` is the table both directions read: the mounted API answers an
 exception with its `status_code` and `code`, and the HTTP client turns an
@@ -39,18 +49,25 @@ from typing import Any, ClassVar
 __all__ = [
     "ERRORS",
     "AccessDenied",
+    "BadRequest",
     "BgTasksError",
     "ConfigurationError",
     "DuplicateTaskName",
+    "Forbidden",
     "IdempotencyConflict",
+    "InvalidArguments",
     "InvalidCursor",
     "InvalidName",
+    "InvalidRequest",
     "InvalidSchedule",
     "InvalidValue",
+    "MethodNotAllowed",
+    "NotAcceptable",
     "NotSerializable",
     "PayloadTooLarge",
     "RateLimited",
     "RemoteError",
+    "RouteNotFound",
     "RunFinished",
     "RunNotFound",
     "SchemaError",
@@ -58,6 +75,7 @@ __all__ = [
     "SubmitError",
     "TaskNotFound",
     "TaskRunFailed",
+    "UnsupportedMediaType",
     "from_response",
 ]
 
@@ -139,6 +157,13 @@ class PayloadTooLarge(SubmitError):
     code = "payload_too_large"
 
 
+class InvalidArguments(SubmitError):
+    """The arguments do not match the task's signature."""
+
+    status_code = 422
+    code = "invalid_arguments"
+
+
 class IdempotencyConflict(SubmitError):
     """This idempotency key was already used for a run with other arguments."""
 
@@ -208,6 +233,55 @@ class RateLimited(BgTasksError):
 
     status_code = 429
     code = "too_many_requests"
+
+
+class InvalidRequest(BgTasksError):
+    """The request is not valid; see detail for each problem."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
+class BadRequest(BgTasksError):
+    """The request body cannot be read: it is not UTF-8, or it nests too deeply."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class Forbidden(BgTasksError):
+    """The caller may not use this route."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class RouteNotFound(BgTasksError):
+    """No route has this path."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(BgTasksError):
+    """This route does not take this method."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class NotAcceptable(BgTasksError):
+    """This route cannot answer in a media type the request accepts."""
+
+    status_code = 406
+    code = "not_acceptable"
+
+
+class UnsupportedMediaType(BgTasksError):
+    """This route does not read a body of this media type."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class TaskRunFailed(BgTasksError):

@@ -11,18 +11,27 @@ from __future__ import annotations
 import hmac
 import inspect
 import ipaddress
-import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from contextlib import AsyncExitStack
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.dependencies.utils import get_dependant, solve_dependencies
 
 from ..errors import AccessDenied, BgTasksError, RateLimited
+from .context import Hub
+from .throttle import FailureThrottle  # the hub still imports it from here
 
-if TYPE_CHECKING:
-    from .context import ServerHub
-
-__all__ = ["operator_access", "operator_check", "worker_access"]
+__all__ = [
+    "OPERATOR",
+    "WORKER",
+    "FailureThrottle",
+    "OperatorVerdict",
+    "check_operator",
+    "check_worker",
+    "host_auth",
+    "require_operator",
+]
 
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
@@ -47,65 +56,30 @@ def _bearer_ok(request: Request, token: str | None) -> bool:
     return hmac.compare_digest(value.strip().encode(), token.encode())
 
 
-class FailureThrottle:
-    """Counts refused credentials per client address; past `limit` refusals
-    within `window` seconds that client gets 429 until the window passes,
-    so a token cannot be guessed at network speed."""
-
-    def __init__(self, limit: int = 30, window: float = 60.0, max_clients: int = 10_000) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_clients = max_clients
-        self._failures: dict[str, list[float]] = {}
-
-    def _recent(self, client: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(client, ()) if now - t < self.window]
-        if times:
-            self._failures[client] = times
-        else:
-            self._failures.pop(client, None)
-        return times
-
-    def check(self, client: str) -> None:
-        if len(self._recent(client, time.monotonic())) >= self.limit:
-            raise RateLimited(
-                f"Too many refused credentials from this client; wait {self.window:.0f} s."
-            )
-
-    def failed(self, client: str) -> None:
-        now = time.monotonic()
-        if len(self._failures) >= self.max_clients and client not in self._failures:
-            # Bounded memory: forget the client with the oldest failure.
-            oldest = min(self._failures, key=lambda c: self._failures[c][-1])
-            del self._failures[oldest]
-        self._failures.setdefault(client, []).append(now)
-
-
 def _client(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
-def worker_access(hub: ServerHub) -> Callable[[Request], Awaitable[None]]:
+async def check_worker(request: Request, hub: Hub) -> None:
     """The check on /feed and /worker/*: runs before any response starts."""
     throttle = hub.auth_throttle
-
-    async def check_worker(request: Request) -> None:
-        client = _client(request)
-        throttle.check(client)
-        if hub.settings.token:
-            if not _bearer_ok(request, hub.settings.token):
-                throttle.failed(client)
-                raise AccessDenied("Worker routes need `Authorization: Bearer <BGTASKS_TOKEN>`.")
-        elif not is_loopback(request):
+    client = _client(request)
+    throttle.check(client)
+    if hub.settings.token:
+        if not _bearer_ok(request, hub.settings.token):
             throttle.failed(client)
-            raise AccessDenied(
-                "No BGTASKS_TOKEN is configured, so worker routes serve loopback clients only."
-            )
+            raise AccessDenied("Worker routes need `Authorization: Bearer <BGTASKS_TOKEN>`.")
+    elif not is_loopback(request):
+        throttle.failed(client)
+        raise AccessDenied(
+            "No BGTASKS_TOKEN is configured, so worker routes serve loopback clients only."
+        )
 
-    return check_worker
+
+HostCheck = Callable[[Request], Awaitable[BaseException | None]]
 
 
-def _host_check(dependency: Any) -> Callable[[Request], Awaitable[BaseException | None]]:
+def _host_check(dependency: Any) -> HostCheck:
     """Run the host's auth dependency for a request and report its verdict.
 
     FastAPI resolves the dependency's own parameters (headers, security
@@ -113,10 +87,6 @@ def _host_check(dependency: Any) -> Callable[[Request], Awaitable[BaseException 
     credential means "not an operator" instead of a 422: capability routes
     must still answer a caller that holds only the run id.
     """
-    from contextlib import AsyncExitStack
-
-    from fastapi.dependencies.utils import get_dependant, solve_dependencies
-
     func = getattr(dependency, "dependency", dependency)
     if func is None or not callable(func):
         raise TypeError("auth= must be Depends(callable) or a callable")
@@ -143,49 +113,56 @@ def _host_check(dependency: Any) -> Callable[[Request], Awaitable[BaseException 
     return check
 
 
-def operator_check(hub: ServerHub) -> Callable[[Request], Awaitable[BaseException | None]]:
-    """A dependency answering None when the caller passes the operator check,
-    else the exception that says why not (raised by `operator_access`).
+def host_auth(auth: Any) -> HostCheck | None:
+    """The host's `auth=` dependency made ready to run per request (once per
+    app: `build_app` keeps it in the sub-app's state), or None without one."""
+    return _host_check(auth) if auth is not None else None
+
+
+async def check_operator(request: Request, hub: Hub) -> BaseException | None:
+    """None when the caller passes the operator check, else the exception
+    that says why not (raised by `require_operator`).
 
     The worker's token is also an operator credential: tasks submit runs.
     """
-    host = _host_check(hub.settings.auth) if hub.settings.auth is not None else None
+    host: HostCheck | None = request.app.state.host_auth
     throttle = hub.auth_throttle
-
-    async def check_operator(request: Request) -> BaseException | None:
-        presented = request.headers.get("authorization", "").lower().startswith("bearer ")
-        # With no host auth, a bearer token here can only be the worker's: a
-        # wrong one counts as on worker routes (no way around the limit on
-        # guesses). A host auth may use bearer tokens of its own: not counted.
-        guarded = bool(hub.settings.token) and host is None and presented
-        if guarded:
-            try:
-                throttle.check(_client(request))
-            except RateLimited as exc:
-                return exc
-        if _bearer_ok(request, hub.settings.token):
-            return None
-        if guarded:
-            throttle.failed(_client(request))
-        if host is not None:
-            return await host(request)
-        if is_loopback(request):
-            return None
-        return AccessDenied(
-            "No auth= dependency is configured, so operator routes serve loopback clients only."
-        )
-
-    return check_operator
+    token = hub.settings.token
+    presented = request.headers.get("authorization", "").lower().startswith("bearer ")
+    # With no host auth, a bearer token here can only be the worker's: a
+    # wrong one counts as on worker routes (no way around the limit on
+    # guesses). A host auth may use bearer tokens of its own: not counted.
+    guarded = bool(token) and host is None and presented
+    if guarded:
+        try:
+            throttle.check(_client(request))
+        except RateLimited as exc:
+            return exc
+    if _bearer_ok(request, token):
+        return None
+    if guarded:
+        throttle.failed(_client(request))
+    if host is not None:
+        return await host(request)
+    if is_loopback(request):
+        return None
+    return AccessDenied(
+        "No auth= dependency is configured, so operator routes serve loopback clients only."
+    )
 
 
-def operator_access(hub: ServerHub) -> Callable[..., Awaitable[None]]:
+OperatorVerdict = Annotated[BaseException | None, Depends(check_operator)]
+"""A handler parameter: None for an operator, else why the caller is not one."""
+
+
+async def require_operator(denied: OperatorVerdict) -> None:
     """The check on operator routes: raise what the operator check reported."""
-    from fastapi import Depends
+    if denied is not None:
+        raise denied
 
-    check = operator_check(hub)
 
-    async def require_operator(denied: Any = Depends(check)) -> None:
-        if denied is not None:
-            raise denied
+OPERATOR = (Depends(require_operator),)
+"""The `dependencies=` of an operator route."""
 
-    return require_operator
+WORKER = (Depends(check_worker),)
+"""The `dependencies=` of a worker route."""

@@ -1,16 +1,17 @@
 """What the mounted API and the app-side services need of the hub, and no
 more: its settings, its tasks, the throttle of refused credentials, and the
-running lifespan's store and wake-ups. Routes depend on this, never on
-`BgTasks` itself.
+running lifespan's store and wake-ups. Routes reach it through two
+dependencies (`Hub`, `Live`), never through `BgTasks` itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
 import anyio
+from fastapi import Depends, Request
 
 from ..errors import StoreUnavailable
 
@@ -18,10 +19,10 @@ if TYPE_CHECKING:
     from ..settings import Settings
     from ..store import Store
     from ..tasks import Task
-    from .access import FailureThrottle
+    from .throttle import FailureThrottle
     from .wakeups import Wakeups
 
-__all__ = ["Running", "ServerHub", "require_running"]
+__all__ = ["Hub", "Live", "Running", "ServerHub", "serving_hub", "serving_lifespan"]
 
 
 @dataclass
@@ -51,9 +52,22 @@ class ServerHub(Protocol):
     def get_task(self, name: str) -> Task[Any, Any]: ...
 
 
-def require_running(hub: ServerHub) -> Running:
+def serving_hub(request: Request) -> ServerHub:
+    """The hub whose sub-app answers this request (`build_app` keeps it in
+    the sub-app's state)."""
+    return cast("ServerHub", request.app.state.hub)
+
+
+def serving_lifespan(hub: Annotated[ServerHub, Depends(serving_hub)]) -> Running:
     """The running lifespan, or a 503 that says to run it."""
     running = hub.running
     if running is None:
         raise StoreUnavailable("The app's lifespan is not running (FastAPI(lifespan=bg.lifespan)).")
     return running
+
+
+Hub = Annotated[ServerHub, Depends(serving_hub)]
+"""A handler parameter: the hub serving the request."""
+
+Live = Annotated[Running, Depends(serving_lifespan)]
+"""A handler parameter: the running lifespan (a 503 before the handler runs if none)."""

@@ -17,23 +17,34 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from ..errors import BgTasksError, InvalidName, RateLimited, StoreUnavailable
+from ..errors import (
+    AccessDenied,
+    BgTasksError,
+    InvalidName,
+    InvalidRequest,
+    RateLimited,
+    StoreUnavailable,
+)
 from ..wire import Hello
-from .context import require_running
+from .access import WORKER
+from .context import Hub, Live
+from .responses import declare
 from .wakeups import wait_any
 
 if TYPE_CHECKING:
     from .context import Running, ServerHub
 
-__all__ = ["feed_router"]
+__all__ = ["router"]
 
 log = logging.getLogger("fastapi_bgtasks.feed")
 
+router = APIRouter()
 
-def _runs_event(rows: list[dict[str, Any]], leased_at: float | None = None) -> Any:
+
+def _runs_event(rows: list[dict[str, Any]], leased_at: float | None = None) -> ServerSentEvent:
     """A `runs` event in the `Delivery` wire shape, built straight from the
     claimed rows (stored JSON needs no validating again) on the hot path."""
     deliveries = [
@@ -59,7 +70,7 @@ async def _deliveries(
     tasks: list[str],
     slots: int,
     shutdown: anyio.Event,
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[ServerSentEvent]:
     store = running.store
     wakeups = running.wakeups
     hello = Hello(
@@ -135,65 +146,60 @@ async def _deliveries(
                     log.warning("Could not release unsent runs: %s", exc)
 
 
-def feed_router(hub: ServerHub) -> Any:
-    from ..wire import ErrorBody
-    from .access import worker_access
-
-    router = APIRouter()
-
-    @router.get(
-        "/feed",
-        summary="The run feed for one worker (SSE)",
-        dependencies=[Depends(worker_access(hub))],
-        response_class=EventSourceResponse,
-        responses={
-            200: {"content": {"text/event-stream": {}}, "description": "hello, runs, bye"},
-            401: {"model": ErrorBody, "description": "No worker credential"},
-            422: {"model": ErrorBody, "description": "Bad parameters"},
-            429: {"model": ErrorBody, "description": "Too many feeds"},
-            503: {"model": ErrorBody, "description": "Lifespan not running"},
-        },
-    )
-    async def feed(
-        request: Request,
-        task: list[str] = Query(min_length=1, max_length=1000),
-        slots: int = Query(ge=1, le=10000),
-        worker_id: str = Header(alias="X-Worker-Id", min_length=1, max_length=200),
-    ) -> Any:
-        running = require_running(hub)
-        if not worker_id.isprintable():
-            raise InvalidName("X-Worker-Id must be printable text.")
-        for name in task:
-            if len(name) > 200 or not name.isprintable():
-                raise InvalidName(f"Invalid task name {name[:50]!r}")
-        total = sum(running.open_feeds.values())
-        if total >= hub.settings.max_feeds or running.open_feeds.get(worker_id, 0) >= 2:
-            raise RateLimited(
-                "Too many feeds are open (max_feeds, or 2 per worker id); try again shortly."
-            )
-        shutdown = anyio.Event()
-        running.open_feeds[worker_id] = running.open_feeds.get(worker_id, 0) + 1
-
-        async def stream() -> AsyncIterator[Any]:
-            try:
-                async for event in _deliveries(
-                    hub, running, worker_id, sorted(set(task)), slots, shutdown
-                ):
-                    yield event
-            finally:
-                left = running.open_feeds.get(worker_id, 1) - 1
-                if left <= 0:
-                    running.open_feeds.pop(worker_id, None)
-                    running.wakeups.forget_worker(worker_id)
-                else:
-                    running.open_feeds[worker_id] = left
-
-        return EventSourceResponse(
-            stream(),
-            ping=5,
-            send_timeout=30,
-            shutdown_event=shutdown,
-            shutdown_grace_period=1.0,
+@router.get(
+    "/feed",
+    summary="The run feed for one worker (SSE)",
+    dependencies=WORKER,
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "hello, runs, bye"},
+        **declare(AccessDenied, InvalidRequest, InvalidName, RateLimited, StoreUnavailable),
+    },
+)
+async def feed(
+    hub: Hub,
+    running: Live,
+    task: list[str] = Query(min_length=1, max_length=1000),
+    slots: int = Query(ge=1, le=10000),
+    worker_id: str = Header(alias="X-Worker-Id", min_length=1, max_length=200),
+) -> EventSourceResponse:
+    if not worker_id.isprintable():
+        raise InvalidName("X-Worker-Id must be printable text.")
+    for name in task:
+        if len(name) > 200 or not name.isprintable():
+            raise InvalidName(f"Invalid task name {name[:50]!r}")
+    total = sum(running.open_feeds.values())
+    if total >= hub.settings.max_feeds or running.open_feeds.get(worker_id, 0) >= 2:
+        raise RateLimited(
+            "Too many feeds are open (max_feeds, or 2 per worker id); try again shortly."
         )
+    shutdown = anyio.Event()
+    running.open_feeds[worker_id] = running.open_feeds.get(worker_id, 0) + 1
+    return EventSourceResponse(
+        _feed_stream(hub, running, worker_id, sorted(set(task)), slots, shutdown),
+        ping=5,
+        send_timeout=30,
+        shutdown_event=shutdown,
+        shutdown_grace_period=1.0,
+    )
 
-    return router
+
+async def _feed_stream(
+    hub: ServerHub,
+    running: Running,
+    worker_id: str,
+    tasks: list[str],
+    slots: int,
+    shutdown: anyio.Event,
+) -> AsyncIterator[ServerSentEvent]:
+    """The deliveries, and this feed counted open while they last."""
+    try:
+        async for event in _deliveries(hub, running, worker_id, tasks, slots, shutdown):
+            yield event
+    finally:
+        left = running.open_feeds.get(worker_id, 1) - 1
+        if left <= 0:
+            running.open_feeds.pop(worker_id, None)
+            running.wakeups.forget_worker(worker_id)
+        else:
+            running.open_feeds[worker_id] = left

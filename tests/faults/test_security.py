@@ -3,7 +3,7 @@ access model: one worker bearer token (BGTASKS_TOKEN), the host's `auth=`
 dependency for operators, and run ids as capabilities.
 
 Requests that end are sent in process (httpx's ASGI transport, as in
-tests/test_api.py, whose cases are not repeated here); event streams,
+tests/server/, whose cases are not repeated here); event streams,
 streamed bodies, the app's memory and per-client throttling are tested over
 a real uvicorn serving tests/faults/secapp.py. Each category's figures
 (§3.3) are written to ARTIFACTS/security-<category>.json and, summed, to
@@ -241,7 +241,7 @@ def client(
 
 async def settle(hub: BgTasks) -> None:
     """Wait out the reaper's start-up pass: leaving a SQLite lifespan while it
-    is mid-statement hangs the loop (see tests/test_api.py)."""
+    is mid-statement hangs the loop (see tests/server/apikit.py)."""
     assert hub.running is not None
     if not hub.running.store.is_pg:
         for _ in range(2):
@@ -379,7 +379,7 @@ ROUTE_ACCESS = {
 
 
 def leaf_routes(routes: list[Any]) -> Iterator[Any]:
-    """Routes with included routers expanded (as in tests/test_api.py)."""
+    """Routes with included routers expanded (as in tests/server/test_app.py)."""
     for route in routes:
         candidates = getattr(route, "effective_candidates", None)
         if callable(candidates):
@@ -606,7 +606,7 @@ SERVER_OWNED = [
 async def test_server_owned_fields_are_refused_with_422_on_every_body(
     db_url: str, tally: Any
 ) -> None:
-    """Mass assignment: submit (beyond tests/test_api.py's state/attempt/
+    """Mass assignment: submit (beyond tests/server/test_intake.py's state/attempt/
     worker_id/result), reports and heartbeats refuse fields they do not own."""
     figures = tally("bola")
     async with api(db_url) as (hub, http):

@@ -1,0 +1,339 @@
+"""Who may call which route (server/access.py): worker tokens, loopback-only
+defaults, the host's `auth=` dependency and capability reads."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import Depends, Header, HTTPException
+
+from fastapi_bgtasks import BgTasks
+from tests.server.apikit import (
+    TOKEN,
+    api,
+    assert_error,
+    claim,
+    client,
+    make_hub,
+    serving,
+    stored_runs,
+    submit,
+)
+
+pytestmark = pytest.mark.anyio
+
+# -- worker access -------------------------------------------------------------
+
+BAD_WORKER_HEADERS = {
+    "no header": {},
+    "wrong token": {"Authorization": "Bearer wrong"},
+    "empty bearer": {"Authorization": "Bearer "},
+    "other scheme": {"Authorization": f"Basic {TOKEN}"},
+    "token without scheme": {"Authorization": TOKEN},
+}
+
+
+@pytest.mark.parametrize("headers", BAD_WORKER_HEADERS.values(), ids=BAD_WORKER_HEADERS.keys())
+async def test_a_report_without_the_worker_token_is_a_401_and_changes_nothing(
+    db_url: str, headers: dict[str, str]
+) -> None:
+    async with api(db_url, token=TOKEN) as (hub, http):
+        run_id = await submit(http)
+        lease_token = await claim(hub)
+        response = await http.post(
+            "/tasks/worker/reports",
+            json={
+                "worker_id": "w1",
+                "reports": [
+                    {
+                        "run_id": run_id,
+                        "lease_token": lease_token,
+                        "state": "COMPLETED",
+                        "result": 3,
+                    }
+                ],
+            },
+            headers=headers,
+        )
+        stored = (await http.get(f"/tasks/runs/{run_id}")).json()
+    assert_error(response, 401)
+    assert stored["state"] == "PENDING"
+    assert stored["result"] is None
+
+
+@pytest.mark.parametrize("headers", BAD_WORKER_HEADERS.values(), ids=BAD_WORKER_HEADERS.keys())
+async def test_a_heartbeat_without_the_worker_token_is_a_401(
+    db_url: str, headers: dict[str, str]
+) -> None:
+    async with api(db_url, token=TOKEN) as (_, http):
+        response = await http.post(
+            "/tasks/worker/heartbeat", json={"worker_id": "w1", "runs": []}, headers=headers
+        )
+    assert_error(response, 401)
+
+
+async def test_a_heartbeat_with_the_worker_token_is_a_200(db_url: str) -> None:
+    async with api(db_url, token=TOKEN) as (_, http):
+        response = await http.post(
+            "/tasks/worker/heartbeat",
+            json={"worker_id": "w1", "runs": []},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"renewed": [], "stop": [], "cancel": []}
+
+
+async def test_the_worker_token_is_refused_in_the_query_string(db_url: str) -> None:
+    async with api(db_url, token=TOKEN) as (_, http):
+        response = await http.post(
+            "/tasks/worker/heartbeat",
+            params={"token": TOKEN, "access_token": TOKEN},
+            json={"worker_id": "w1", "runs": []},
+        )
+    assert_error(response, 401)
+
+
+async def test_a_report_with_the_worker_token_is_accepted(db_url: str) -> None:
+    async with api(db_url, token=TOKEN) as (hub, http):
+        run_id = await submit(http)
+        lease_token = await claim(hub)
+        response = await http.post(
+            "/tasks/worker/reports",
+            json={
+                "worker_id": "w1",
+                "reports": [
+                    {
+                        "run_id": run_id,
+                        "lease_token": lease_token,
+                        "state": "COMPLETED",
+                        "result": 3,
+                    }
+                ],
+            },
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        stored = (await http.get(f"/tasks/runs/{run_id}")).json()
+    assert response.status_code == 200, response.text
+    assert response.json() == {"outcomes": ["accepted"]}
+    assert stored["state"] == "COMPLETED" and stored["result"] == 3
+
+
+# -- loopback-only defaults ----------------------------------------------------
+
+
+async def test_without_a_token_a_loopback_client_may_call_worker_routes(db_url: str) -> None:
+    async with api(db_url) as (_, http):
+        response = await http.post("/tasks/worker/heartbeat", json={"worker_id": "w1", "runs": []})
+    assert response.status_code == 200, response.text
+
+
+async def test_without_a_token_a_remote_client_gets_401_on_worker_routes(db_url: str) -> None:
+    hub = make_hub(db_url)
+    async with serving(hub) as app, client(app, remote=True) as remote:
+        response = await remote.post(
+            "/tasks/worker/heartbeat", json={"worker_id": "w1", "runs": []}
+        )
+    assert_error(response, 401)
+
+
+async def test_without_auth_a_remote_client_cannot_submit(db_url: str) -> None:
+    hub = make_hub(db_url)
+    async with serving(hub) as app, client(app, remote=True) as remote, client(app) as local:
+        response = await remote.post("/tasks/runs", json={"task": "add", "args": [1, 2]})
+        assert_error(response, 401)
+        assert await stored_runs(local) == []
+
+
+async def test_without_auth_a_remote_client_cannot_list_runs(db_url: str) -> None:
+    hub = make_hub(db_url)
+    async with serving(hub) as app, client(app, remote=True) as remote:
+        response = await remote.get("/tasks/runs")
+    assert_error(response, 401)
+
+
+async def test_without_auth_a_remote_client_cannot_cancel_a_run(db_url: str) -> None:
+    hub = make_hub(db_url)
+    async with serving(hub) as app, client(app, remote=True) as remote, client(app) as local:
+        run_id = await submit(local)
+        response = await remote.post(f"/tasks/runs/{run_id}/cancel")
+        stored = (await local.get(f"/tasks/runs/{run_id}")).json()
+    assert_error(response, 401)
+    assert stored["state"] == "SCHEDULED"
+
+
+@pytest.mark.parametrize(
+    "proxy_header",
+    [
+        {"X-Forwarded-For": "198.51.100.7"},
+        {"Forwarded": "for=198.51.100.7"},
+        {"X-Real-IP": "198.51.100.7"},
+    ],
+    ids=["x-forwarded-for", "forwarded", "x-real-ip"],
+)
+async def test_a_loopback_client_behind_a_proxy_header_is_treated_as_remote(
+    db_url: str, proxy_header: dict[str, str]
+) -> None:
+    async with api(db_url) as (_, http):
+        worker = await http.post(
+            "/tasks/worker/heartbeat",
+            json={"worker_id": "w1", "runs": []},
+            headers=proxy_header,
+        )
+        operator = await http.post(
+            "/tasks/runs", json={"task": "add", "args": [1, 2]}, headers=proxy_header
+        )
+        assert await stored_runs(http) == []
+    assert_error(worker, 401)
+    assert_error(operator, 401)
+
+
+# -- operator access through the host's auth dependency ------------------------
+
+
+def check_admin(x_admin: str | None = Header(default=None)) -> None:
+    if x_admin != "yes":
+        raise HTTPException(status_code=401, detail="Operators only.")
+
+
+def require_admin_header(x_admin: str = Header()) -> None:
+    if x_admin != "yes":
+        raise HTTPException(status_code=401, detail="Operators only.")
+
+
+ADMIN = {"X-Admin": "yes"}
+
+
+async def test_the_auth_dependency_refuses_a_submit_with_its_401_as_a_json_error(
+    db_url: str,
+) -> None:
+    hub = make_hub(db_url, auth=Depends(check_admin))
+    async with serving(hub) as app, client(app, remote=True) as http:
+        response = await http.post("/tasks/runs", json={"task": "add", "args": [1, 2]})
+        listed = await http.get("/tasks/runs", headers=ADMIN)
+    body = assert_error(response, 401)
+    assert body["message"] == "Operators only."
+    assert listed.json()["runs"] == []
+
+
+async def test_the_auth_dependency_refuses_a_submit_even_from_loopback(db_url: str) -> None:
+    hub = make_hub(db_url, auth=Depends(check_admin))
+    async with serving(hub) as app, client(app) as http:
+        response = await http.post("/tasks/runs", json={"task": "add", "args": [1, 2]})
+        listed = await http.get("/tasks/runs", headers=ADMIN)
+    assert_error(response, 401)
+    assert listed.json()["runs"] == []
+
+
+async def test_the_auth_dependency_accepts_a_submit_it_allows(db_url: str) -> None:
+    hub = make_hub(db_url, auth=Depends(check_admin))
+    async with serving(hub) as app, client(app, remote=True, headers=ADMIN) as http:
+        response = await http.post("/tasks/runs", json={"task": "add", "args": [1, 2]})
+    assert response.status_code == 202, response.text
+
+
+async def test_the_auth_dependency_guards_listing_and_cancelling(db_url: str) -> None:
+    hub = make_hub(db_url, auth=Depends(check_admin))
+    async with serving(hub) as app, client(app, remote=True) as http:
+        run_id = await submit(http, headers=ADMIN)
+        listing = await http.get("/tasks/runs")
+        cancel = await http.post(f"/tasks/runs/{run_id}/cancel")
+        stored = (await http.get(f"/tasks/runs/{run_id}")).json()
+    assert_error(listing, 401)
+    assert_error(cancel, 401)
+    assert stored["state"] == "SCHEDULED"
+
+
+async def test_the_worker_token_also_passes_operator_routes(db_url: str) -> None:
+    hub = make_hub(db_url, token=TOKEN, auth=Depends(check_admin))
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with serving(hub) as app, client(app, remote=True, headers=bearer) as http:
+        submitted = await http.post("/tasks/runs", json={"task": "add", "args": [1, 2]})
+        listing = await http.get("/tasks/runs")
+        cancel = await http.post(f"/tasks/runs/{submitted.json()['id']}/cancel")
+    assert submitted.status_code == 202, submitted.text
+    assert listing.status_code == 200, listing.text
+    assert cancel.status_code == 200, cancel.text
+
+
+async def test_a_wrong_worker_token_does_not_pass_operator_routes(db_url: str) -> None:
+    hub = make_hub(db_url, token=TOKEN, auth=Depends(check_admin))
+    async with (
+        serving(hub) as app,
+        client(app, remote=True, headers={"Authorization": "Bearer wrong"}) as http,
+    ):
+        response = await http.post("/tasks/runs", json={"task": "add", "args": [1, 2]})
+    assert_error(response, 401)
+
+
+# -- capability reads ----------------------------------------------------------
+
+
+async def failed_run(hub: BgTasks, http: httpx.AsyncClient) -> str:
+    """A run of `add` that FAILED with a traceback, reported over the worker route."""
+    run_id = await submit(http)
+    lease_token = await claim(hub)
+    response = await http.post(
+        "/tasks/worker/reports",
+        json={
+            "worker_id": "w1",
+            "reports": [
+                {
+                    "run_id": run_id,
+                    "lease_token": lease_token,
+                    "state": "FAILED",
+                    "error": {
+                        "type": "ValueError",
+                        "message": "boom",
+                        "traceback": "Traceback (most recent call last): secret frames",
+                    },
+                }
+            ],
+        },
+    )
+    assert response.json() == {"outcomes": ["accepted"]}, response.text
+    return run_id
+
+
+async def test_a_capability_read_omits_arguments_and_traceback(db_url: str) -> None:
+    hub = make_hub(db_url)
+    async with serving(hub) as app, client(app) as local, client(app, remote=True) as remote:
+        run_id = await failed_run(hub, local)
+        response = await remote.get(f"/tasks/runs/{run_id}")
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["state"] == "FAILED"
+    assert doc["args"] is None and doc["kwargs"] is None
+    assert doc["error"]["type"] == "ValueError"
+    assert doc["error"]["message"] == "boom"
+    assert doc["error"]["traceback"] is None
+    assert "secret frames" not in response.text
+
+
+async def test_an_operator_read_includes_arguments_and_traceback(db_url: str) -> None:
+    hub = make_hub(db_url)
+    async with serving(hub) as app, client(app) as local:
+        run_id = await failed_run(hub, local)
+        response = await local.get(f"/tasks/runs/{run_id}")
+    doc = response.json()
+    assert doc["args"] == [1, 2] and doc["kwargs"] == {}
+    assert doc["error"]["traceback"] == "Traceback (most recent call last): secret frames"
+
+
+async def test_a_capability_read_under_host_auth_omits_arguments(db_url: str) -> None:
+    hub = make_hub(db_url, auth=Depends(check_admin))
+    async with serving(hub) as app, client(app, headers=ADMIN) as admin, client(app) as anyone:
+        run_id = await submit(admin)
+        full = (await admin.get(f"/tasks/runs/{run_id}")).json()
+        response = await anyone.get(f"/tasks/runs/{run_id}")
+    assert full["args"] == [1, 2]
+    assert response.status_code == 200, response.text
+    assert response.json()["args"] is None and response.json()["kwargs"] is None
+
+
+async def test_a_capability_read_needs_nothing_the_host_auth_requires(db_url: str) -> None:
+    hub = make_hub(db_url, auth=Depends(require_admin_header))
+    async with serving(hub) as app, client(app, headers=ADMIN) as admin, client(app) as anyone:
+        run_id = await submit(admin)
+        response = await anyone.get(f"/tasks/runs/{run_id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["args"] is None
