@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..states import Event, Outcome, ReportKind, RunState, repeats_of, sources_of
 from ..wire import Report, clean_text, stored_json, stored_size
 from .dialect import Database
-from .schema import runs
+from .schema import moves, runs
 from .sql import REPORT_COMPLETED, REPORT_RUNNING
 
 __all__ = ["Applied", "Reports"]
@@ -33,10 +33,6 @@ class Applied(TypedDict):
 
     id: uuid.UUID
     state: str
-
-
-def _from(event: Event) -> Any:
-    return runs.c.state.in_(sorted(sources_of(event)))
 
 
 def _refusal(kind: str, message: str) -> dict[str, Any]:
@@ -157,7 +153,7 @@ class Reports:
                 return await _classify(conn, report, result), None
         else:
             values = self._values(kind, result)
-        where = sa.and_(mine, _from(Event(kind.value)))
+        where = sa.and_(mine, moves(Event(kind.value)))
         row = (
             await conn.execute(
                 runs.update().where(where).values(values).returning(runs.c.id, runs.c.state)
@@ -201,7 +197,7 @@ class Reports:
                 sa.select(
                     runs.c.attempt, runs.c.rescues, runs.c.max_attempts,
                     runs.c.retry_delays, runs.c.cancel_requested,
-                ).where(mine, _from(Event.FAILED))
+                ).where(mine, moves(Event.FAILED))
             )
         ).first()  # fmt: skip
         if current is None:

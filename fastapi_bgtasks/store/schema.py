@@ -5,11 +5,13 @@ that the two agree.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
-from ..states import ACTIVE_STATES, RunState
+from ..states import ACTIVE_STATES, Event, RunState, sources_of
 
-__all__ = ["ACTIVE", "SCHEDULED", "history", "metadata", "runs", "schema_table"]
+__all__ = ["ACTIVE", "SCHEDULED", "history", "metadata", "moves", "runs", "schema_table"]
 
 metadata = sa.MetaData()
 
@@ -64,3 +66,9 @@ schema_table = sa.Table(
 # The two conditions most statements start from.
 SCHEDULED = runs.c.state == RunState.SCHEDULED.value
 ACTIVE = runs.c.state.in_(sorted(ACTIVE_STATES))
+
+
+def moves(event: Event) -> Any:
+    """The compare-and-set condition of `event`: the run is in one of the
+    states states.EDGES lets that event move it out of."""
+    return runs.c.state.in_(sorted(sources_of(event)))

@@ -15,11 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from ..errors import RunFinished, RunNotFound
-from ..states import Event, RunState, sources_of
+from ..states import Event, RunState
 from .dialect import Database
 from .reads import DELIVERY
 from .rows import DeliveryRow, RunRow, delivery_row, run_row
-from .schema import ACTIVE, runs
+from .schema import ACTIVE, moves, runs
 
 __all__ = ["Transitions"]
 
@@ -32,11 +32,6 @@ _WORKER_LOST = {
     "(it crashed, hung or lost its connection) and the run's rescues are spent.",
     "traceback": None,
 }
-
-
-def _from(event: Event) -> Any:
-    """The compare-and-set condition of `event`: the run is in one of its sources."""
-    return runs.c.state.in_(sorted(sources_of(event)))
 
 
 class Transitions:
@@ -102,7 +97,7 @@ class Transitions:
         credit = sa.func.max(0, sa.bindparam("slots", type_=sa.Integer) - held)
         branches = [
             sa.select(runs.c.id, runs.c.priority, runs.c.scheduled_at)
-            .where(_from(Event.CLAIM), runs.c.task == task, runs.c.scheduled_at <= now)
+            .where(moves(Event.CLAIM), runs.c.task == task, runs.c.scheduled_at <= now)
             .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
             .limit(credit)
             for task in tasks
@@ -147,7 +142,7 @@ class Transitions:
                     .where(
                         runs.c.id == run_id,
                         runs.c.lease_token == token,
-                        _from(Event.RELEASE_UNSENT),
+                        moves(Event.RELEASE_UNSENT),
                     )
                     .values(
                         state=S.SCHEDULED.value,
@@ -168,7 +163,7 @@ class Transitions:
         now = self._db.now()
         cancel = (
             runs.update()
-            .where(runs.c.id == run_id, _from(Event.CANCEL))
+            .where(runs.c.id == run_id, moves(Event.CANCEL))
             .values(state=S.CANCELLED.value, finished_at=now, updated_at=now,
                     reason="cancelled", cancel_requested=True)
             .returning(*runs.c)
@@ -231,7 +226,7 @@ class Transitions:
         update: harmless when several app processes run it at once. Returns
         (run id, new state, the worker that lost it)."""
         now = self._db.now()
-        expired = sa.and_(_from(Event.REAP), runs.c.lease_expires_at < now)
+        expired = sa.and_(moves(Event.REAP), runs.c.lease_expires_at < now)
         # The worker that lost each run, read before the update clears it.
         lost_by = sa.select(runs.c.id, runs.c.worker_id).where(expired)
         async with self._db.write() as conn:
