@@ -39,7 +39,7 @@ SHAPES: list[Any] = [
 ]
 
 
-# -- fixtures and helpers (as in tests/test_store.py) -------------------------
+# -- fixtures and helpers (as in tests/store/test_store.py) -------------------
 
 
 async def submit(store: Store, task: str = TASK, **options: Any) -> RunRow:
