@@ -42,9 +42,8 @@ def _refusal(kind: str, message: str) -> dict[str, Any]:
 class Reports:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._sources = {
-            kind: sorted(sources_of(Event(kind.value))) for kind in _BULK
-        }  # fmt: skip
+        # Bound as a parameter of the bulk statements: their text stays fixed.
+        self._sources = {kind: sorted(sources_of(Event(kind.value))) for kind in _BULK}
 
     async def apply_reports(
         self, reports: Sequence[Report], *, max_result_bytes: int
