@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import aiosqlite
 import anyio
-import asyncpg
 import sqlalchemy as sa
 
 from ..backoff import Backoff
@@ -51,6 +49,9 @@ async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
 
 
 async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> None:
+    # Imported here: a process on SQLite never loads PostgreSQL's driver (3 MB).
+    import asyncpg
+
     backoff = Backoff(0.1, 5.0, jitter=False)
     dsn = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
     while True:
@@ -81,6 +82,9 @@ async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> No
 
 
 async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -> None:
+    # Imported here: a process on PostgreSQL never loads SQLite's driver.
+    import aiosqlite
+
     path = db.url.database or ""
     while True:
         conn = None
