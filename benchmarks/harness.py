@@ -379,7 +379,7 @@ async def drain_window(
     try:
         deadline = time.monotonic() + timeout
         while True:
-            async with store._read() as conn:
+            async with store.db.read() as conn:
                 done = await conn.scalar(
                     sa.select(sa.func.count()).where(ours, runs.c.state == "COMPLETED")
                 )
@@ -410,7 +410,7 @@ async def results_of(url: str, task: str) -> dict[str, Any]:
     store = Store(url)
     await store.open()
     try:
-        async with store._read() as conn:
+        async with store.db.read() as conn:
             rows = await conn.execute(
                 sa.select(runs.c.id, runs.c.result).where(
                     runs.c.task == task, runs.c.state == "COMPLETED"

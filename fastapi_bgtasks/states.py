@@ -1,20 +1,28 @@
 """Run states and the lifecycle as data: which states are terminal, which
-hold a lease, and every edge a run may take. The store, the worker and the
-docs read these; nothing here imports from the package.
+hold a lease, and every edge a run may take. The store builds its
+compare-and-set statements and its reading of repeated reports from the
+edge table below; the worker and the docs read it too. Nothing here imports
+from the package.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 __all__ = [
     "ACTIVE_STATES",
+    "EDGES",
     "TERMINAL_STATES",
     "TRANSITIONS",
+    "Edge",
+    "Event",
     "Outcome",
     "ReportKind",
     "RunState",
     "StopReason",
+    "repeats_of",
+    "sources_of",
 ]
 
 
@@ -40,34 +48,6 @@ TERMINAL_STATES = frozenset(
 # Runs a worker holds a lease on.
 ACTIVE_STATES = frozenset({RunState.PENDING, RunState.RUNNING})
 
-# Every edge a run may take, named after what makes it (docs/architecture.md).
-TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    RunState.SCHEDULED: frozenset({RunState.PENDING, RunState.CANCELLED}),
-    RunState.PENDING: frozenset(
-        {
-            RunState.SCHEDULED,  # released unsent, handed back, or lease expired
-            RunState.RUNNING,
-            RunState.COMPLETED,
-            RunState.FAILED,
-            RunState.CANCELLED,
-            RunState.CRASHED,
-        }
-    ),
-    RunState.RUNNING: frozenset(
-        {
-            RunState.SCHEDULED,  # retry after a failure, or lease expired
-            RunState.COMPLETED,
-            RunState.FAILED,
-            RunState.CANCELLED,
-            RunState.CRASHED,
-        }
-    ),
-    RunState.COMPLETED: frozenset(),
-    RunState.FAILED: frozenset(),
-    RunState.CANCELLED: frozenset(),
-    RunState.CRASHED: frozenset(),
-}
-
 
 class ReportKind(enum.StrEnum):
     """What a worker says of one run. RELEASED hands back a run it will not finish."""
@@ -77,6 +57,91 @@ class ReportKind(enum.StrEnum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     RELEASED = "RELEASED"
+
+
+class Event(enum.StrEnum):
+    """What moves a run: a submit, the app's own steps, an operator, or a
+    worker's report (the report events are named after their ReportKind)."""
+
+    SUBMIT = "submit"
+    CLAIM = "claim"  # the feed leases a due run to a worker
+    RELEASE_UNSENT = "release_unsent"  # claimed, never written to the stream
+    CANCEL = "cancel"  # an operator cancels a run no worker holds
+    REAP = "reap"  # the lease expired
+    RUNNING = ReportKind.RUNNING.value
+    COMPLETED = ReportKind.COMPLETED.value
+    FAILED = ReportKind.FAILED.value
+    CANCELLED = ReportKind.CANCELLED.value
+    RELEASED = ReportKind.RELEASED.value
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One way a run moves: `event` takes it from any of `sources` to
+    `target` when `guard` holds (None: always); `effects` names what else
+    the statement sets, for the reader (the store's statements do it)."""
+
+    event: Event
+    sources: frozenset[RunState]
+    target: RunState
+    guard: str | None = None
+    effects: str = ""
+
+
+S = RunState
+_LEASED = ACTIVE_STATES
+
+# The lifecycle. A guard is the condition, in the row's own terms, that
+# picks this edge among the event's; the store checks it in SQL.
+EDGES: tuple[Edge, ...] = (
+    Edge(Event.SUBMIT, frozenset(), S.SCHEDULED, effects="history starts"),
+    Edge(Event.CLAIM, frozenset({S.SCHEDULED}), S.PENDING, "due and credit left",
+         "attempt + 1, lease token and expiry set"),
+    Edge(Event.CANCEL, frozenset({S.SCHEDULED}), S.CANCELLED, effects="finished now"),
+    Edge(Event.RELEASE_UNSENT, frozenset({S.PENDING}), S.SCHEDULED, "same lease",
+         "attempt - 1, lease cleared"),
+    Edge(Event.RUNNING, frozenset({S.PENDING}), S.RUNNING, "same lease", "started now"),
+    Edge(Event.COMPLETED, _LEASED, S.COMPLETED, "same lease, result fits",
+         "result stored, finished now"),
+    Edge(Event.FAILED, _LEASED, S.SCHEDULED,
+         "same lease, attempts left, retryable, no cancel asked", "due after the back-off"),
+    Edge(Event.FAILED, _LEASED, S.FAILED, "same lease, otherwise", "error stored, finished"),
+    Edge(Event.CANCELLED, _LEASED, S.CANCELLED, "same lease", "finished now"),
+    Edge(Event.RELEASED, _LEASED, S.CANCELLED, "same lease, cancel asked", "finished now"),
+    Edge(Event.RELEASED, _LEASED, S.SCHEDULED, "same lease, otherwise",
+         "a rescue spent if it ran (else the attempt given back)"),
+    Edge(Event.REAP, _LEASED, S.CANCELLED, "lease expired, cancel asked", "finished now"),
+    Edge(Event.REAP, _LEASED, S.CRASHED, "lease expired, rescues spent",
+         "WorkerLost error, finished now"),
+    Edge(Event.REAP, _LEASED, S.SCHEDULED, "lease expired, otherwise",
+         "a rescue spent, due now"),
+)  # fmt: skip
+
+
+def sources_of(event: Event) -> frozenset[RunState]:
+    """The states `event` may move a run out of: its compare-and-set condition."""
+    return frozenset().union(*(e.sources for e in EDGES if e.event == event))
+
+
+def targets_of(event: Event) -> frozenset[RunState]:
+    return frozenset(e.target for e in EDGES if e.event == event)
+
+
+# A RUNNING report that arrives after its own lease already settled the run
+# (the start report was late): nothing is wrong, nothing to do.
+_SETTLED_BY_THE_SAME_LEASE = {ReportKind.RUNNING: frozenset({S.COMPLETED, S.FAILED})}
+
+
+def repeats_of(kind: ReportKind) -> frozenset[RunState]:
+    """States in which a report of `kind` under the run's own lease changes
+    nothing because it already happened: a `duplicate`, not `stale`."""
+    return targets_of(Event(kind.value)) | _SETTLED_BY_THE_SAME_LEASE.get(kind, frozenset())
+
+
+# Every edge a run may take, named after what makes it (docs/architecture.md).
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    state: frozenset(e.target for e in EDGES if state in e.sources) for state in RunState
+}
 
 
 class Outcome(enum.StrEnum):

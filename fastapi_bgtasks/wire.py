@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -235,7 +236,7 @@ class HeartbeatResponse(BaseModel):
     cancel: list[uuid.UUID]
 
 
-def document_from_row(row: dict[str, Any], *, full: bool = True) -> RunDocument:
+def document_from_row(row: Mapping[str, Any], *, full: bool = True) -> RunDocument:
     """A stored row as the run document; `full=False` for capability readers:
     no arguments, no traceback."""
     error = row.get("error")

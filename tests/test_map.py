@@ -29,7 +29,7 @@ from fastapi_bgtasks import (
 from fastapi_bgtasks.store import MAP_CHUNK, NOTIFY_CHANNEL, Store, runs
 from fastapi_bgtasks.wire import MAX_MAP_CALLS
 from tests import timing
-from tests.storekit import eventually, stored_rows
+from tests.storekit import connect, eventually, stored_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -87,8 +87,7 @@ def served(shared_server: str, shared_db: tuple[str, Path]) -> tuple[str, str]:
 
 
 async def count_runs(store: Store) -> int:
-    _, reader = store._engines()
-    async with reader.connect() as conn:
+    async with connect(store) as conn:
         return int(await conn.scalar(sa.select(sa.func.count()).select_from(runs)) or 0)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,9 @@ log = logging.getLogger("fastapi_bgtasks.feed")
 router = APIRouter()
 
 
-def _runs_event(rows: list[dict[str, Any]], leased_at: float | None = None) -> ServerSentEvent:
+def _runs_event(
+    rows: Sequence[Mapping[str, Any]], leased_at: float | None = None
+) -> ServerSentEvent:
     """A `runs` event in the `Delivery` wire shape, built straight from the
     claimed rows (stored JSON needs no validating again) on the hot path."""
     deliveries = [
@@ -85,7 +87,7 @@ async def _deliveries(
     wakeups.lost_workers.discard(worker_id)  # it is back: serve it again
     yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
     deadline = time.monotonic() + hub.settings.feed_max_seconds
-    unsent: list[dict[str, Any]] = []
+    unsent: Sequence[Mapping[str, Any]] = []
     try:
         # A reconnecting worker first gets what it already holds.
         resend = await store.leased_to(worker_id, tasks)

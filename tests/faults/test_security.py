@@ -245,7 +245,7 @@ async def settle(hub: BgTasks) -> None:
     assert hub.running is not None
     if not hub.running.store.is_pg:
         for _ in range(2):
-            await hub.running.store.reap_expired()
+            await hub.running.store.reap_expired_runs()
 
 
 async def join_connection_threads() -> None:

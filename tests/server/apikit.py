@@ -69,7 +69,7 @@ async def settle(hub: BgTasks) -> None:
     if hub.running.store.is_pg:
         return
     for _ in range(2):
-        await hub.running.store.reap_expired()
+        await hub.running.store.reap_expired_runs()
 
 
 def connection_threads() -> list[threading.Thread]:

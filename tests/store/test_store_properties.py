@@ -40,12 +40,16 @@ from hypothesis.stateful import (
 from fastapi_bgtasks.errors import RunFinished, StoreUnavailable
 from fastapi_bgtasks.states import ACTIVE_STATES, TERMINAL_STATES, TRANSITIONS
 from fastapi_bgtasks.states import RunState as S
-from fastapi_bgtasks.store import Store, history, runs
+from fastapi_bgtasks.store import RunRow, Store, history, runs
 from fastapi_bgtasks.wire import ErrorInfo, Report
 from tests import timing
 from tests.faults.checker import ARTIFACTS
 from tests.harness.procs import Proc, start_app, start_worker
+from tests.storekit import read, reap_expired, store_time, write
 from tests.storekit import submit_run as submit
+
+# Fault-injection and multi-process scenarios: the slow tier, as in tests/faults/.
+pytestmark = pytest.mark.slow
 
 ACTIVE = {s.value for s in ACTIVE_STATES}
 TERMINAL = {s.value for s in TERMINAL_STATES}
@@ -66,20 +70,7 @@ def write_figures(scenario: str, figures: dict[str, Any]) -> Path:
     return path
 
 
-async def write(store: Store, statement: Any) -> None:
-    """A fixture write straight to the tables, through the store's writer."""
-    writer, _ = store._engines()
-    async with writer.begin() as conn:
-        await conn.execute(statement)
-
-
-async def read(store: Store, statement: Any) -> list[Any]:
-    _, reader = store._engines()
-    async with reader.connect() as conn:
-        return list(await conn.execute(statement))
-
-
-async def all_rows(store: Store) -> dict[uuid.UUID, dict[str, Any]]:
+async def all_rows(store: Store) -> dict[uuid.UUID, RunRow]:
     listed = await store.list_runs(state=None, task=None, limit=100_000, cursor=None)
     return {row["id"]: row for row in listed}
 
@@ -259,7 +250,7 @@ async def test_r8_each_run_is_claimed_exactly_once_under_contention(
                     unavailable,
                 )
 
-        async def all_completed() -> dict[uuid.UUID, dict[str, Any]] | None:
+        async def all_completed() -> dict[uuid.UUID, RunRow] | None:
             rows = await all_rows(stores[0])
             done = all(r["state"] == "COMPLETED" for r in rows.values())
             return rows if done else None
@@ -284,7 +275,9 @@ async def test_r8_each_run_is_claimed_exactly_once_under_contention(
         run_id: sum(1 for _, to, _ in steps if to == "PENDING")
         for run_id, steps in history_of.items()
     }
-    by_workers = {r["id"] for r in rows.values() if not r["worker_id"].startswith("claimer-")}
+    by_workers = {
+        r["id"] for r in rows.values() if not (r["worker_id"] or "").startswith("claimer-")
+    }
     figures = {
         "backend": backend,
         "runs": RUNS * WAVES,
@@ -370,7 +363,7 @@ async def test_r8_fifty_concurrent_claims_for_one_due_run_give_it_to_exactly_one
             worker, got = won[0]
             assert [r["id"] for r in got] == [target["id"]]
             row = await stores[1].get_run(target["id"])
-            assert row is not None
+            assert row is not None and row["lease_token"] is not None
             assert (row["state"], row["attempt"], row["worker_id"]) == ("PENDING", 1, worker)
             steps = (await transitions(stores[0]))[target["id"]]
             assert [to for _, to, _ in steps] == ["SCHEDULED", "PENDING"]
@@ -736,7 +729,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.bump("release_unsent")
 
     @rule(data=st.data())
-    def reap(self, data: st.DataObject) -> None:
+    def reap_expired(self, data: st.DataObject) -> None:
         """Advance the store's clock for some runs: backdate their lease (any
         state, so the reaper must also ignore finished and waiting runs)."""
         offsets = {
@@ -750,7 +743,7 @@ class StoreMachine(RuleBasedStateMachine):
                     self.store,
                     runs.update()
                     .where(runs.c.id == run_id)
-                    .values(lease_expires_at=self.store._after(offset)),
+                    .values(lease_expires_at=store_time(self.store, offset)),
                 )
         before = self.rows()
         self.previous = before  # the backdating is ours, not the reaper's
@@ -759,7 +752,7 @@ class StoreMachine(RuleBasedStateMachine):
             for run_id, offset in offsets.items()
             if offset is not None and offset < 0 and self.runs[run_id].state in ACTIVE
         }
-        reaped = dict(self.call(self.store.reap_expired))
+        reaped = dict(self.call(reap_expired, self.store))
         assert set(reaped) == expired, "the reaper changed a row whose lease had not expired"
         after = self.rows()
         for run_id in set(after) - expired:
@@ -1048,7 +1041,7 @@ async def test_r11_one_reaper_pass_changes_exactly_the_expired_leases(db_url: st
                 store,
                 runs.update()
                 .where(runs.c.id == run_id)
-                .values(rescues=case.rescues, lease_expires_at=store._after(case.offset)),
+                .values(rescues=case.rescues, lease_expires_at=store_time(store, case.offset)),
             )
         # Waiting and finished runs with a lease in the past are not the reaper's.
         waiting = (await submit(store, REAPED, countdown=3600))["id"]
@@ -1062,11 +1055,11 @@ async def test_r11_one_reaper_pass_changes_exactly_the_expired_leases(db_url: st
             store,
             runs.update()
             .where(runs.c.id.in_([waiting, finished]))
-            .values(lease_expires_at=store._after(-3600)),
+            .values(lease_expires_at=store_time(store, -3600)),
         )
 
         before = await all_rows(store)
-        reaped = dict(await store.reap_expired())
+        reaped = dict(await reap_expired(store))
         after = await all_rows(store)
         steps = await transitions(store)
         expected = {
@@ -1097,7 +1090,7 @@ async def test_r11_one_reaper_pass_changes_exactly_the_expired_leases(db_url: st
                 error_type = (row["error"] or {}).get("type")
                 assert error_type == ("WorkerLost" if case.expected == "CRASHED" else None)
         # A second pass (another app process's reaper) finds nothing left.
-        assert await other.reap_expired() == []
+        assert await reap_expired(other) == []
         assert await all_rows(store) == after
 
         # Two reapers racing over fresh expiries take each run back exactly once.
@@ -1110,12 +1103,12 @@ async def test_r11_one_reaper_pass_changes_exactly_the_expired_leases(db_url: st
             store,
             runs.update()
             .where(runs.c.id.in_(rescheduled))
-            .values(lease_expires_at=store._after(-1)),
+            .values(lease_expires_at=store_time(store, -1)),
         )
         results: dict[str, list[tuple[uuid.UUID, str]]] = {}
 
         async def reap(name: str, reaper: Store) -> None:
-            results[name] = await reaper.reap_expired()
+            results[name] = await reap_expired(reaper)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(reap, "a", store)

@@ -17,13 +17,25 @@ from fastapi_bgtasks.errors import IdempotencyConflict, RunFinished, RunNotFound
 from fastapi_bgtasks.states import RunState
 from fastapi_bgtasks.store import (
     SCHEMA_VERSION,
+    DeliveryRow,
+    RunRow,
     Store,
     runs,
     schema_table,
 )
 from fastapi_bgtasks.submit import StoreRoute
 from fastapi_bgtasks.wire import ErrorInfo, decode_cursor, encode_cursor
-from tests.storekit import apply, eventually, fetch, report, submit_run
+from tests.storekit import (
+    apply,
+    clock,
+    eventually,
+    fetch,
+    read,
+    reap_expired,
+    report,
+    submit_run,
+    write,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -46,17 +58,17 @@ async def second_store(store: Store, db_url: str) -> AsyncIterator[Store]:
         await other.close()
 
 
-async def submit(store: Store, task: str = TASK, **options: Any) -> dict[str, Any]:
+async def submit(store: Store, task: str = TASK, **options: Any) -> RunRow:
     return await submit_run(store, task, **options)
 
 
 async def claim(
     store: Store, worker: str = "w1", slots: int = 10, tasks: tuple[str, ...] = (TASK,)
-) -> list[dict[str, Any]]:
+) -> list[DeliveryRow]:
     return await store.claim(worker_id=worker, tasks=tasks, slots=slots, lease_seconds=LEASE)
 
 
-async def claim_one(store: Store, worker: str = "w1") -> dict[str, Any]:
+async def claim_one(store: Store, worker: str = "w1") -> DeliveryRow:
     claimed = await claim(store, worker, slots=1)
     assert len(claimed) == 1
     return claimed[0]
@@ -64,9 +76,7 @@ async def claim_one(store: Store, worker: str = "w1") -> dict[str, Any]:
 
 async def update_rows(store: Store, where: Any, **values: Any) -> None:
     """Write straight to the runs table, as a fixture (a backdated lease...)."""
-    writer, _ = store._engines()
-    async with writer.begin() as conn:
-        await conn.execute(runs.update().where(where).values(**values))
+    await write(store, runs.update().where(where).values(**values))
 
 
 async def expire_leases(store: Store, *run_ids: uuid.UUID) -> None:
@@ -104,11 +114,9 @@ async def test_two_concurrent_migrations_of_a_fresh_database_both_succeed(db_url
     await second.open()
     try:
         versions = await asyncio.gather(first.migrate(), second.migrate())
-        assert versions == [SCHEMA_VERSION, SCHEMA_VERSION]
+        assert list(versions) == [SCHEMA_VERSION, SCHEMA_VERSION]
         await first.check_schema()
-        writer, _ = first._engines()
-        async with writer.connect() as conn:
-            recorded = list(await conn.scalars(sa.select(schema_table.c.version)))
+        recorded = [r.version for r in await read(first, sa.select(schema_table.c.version))]
         assert recorded == [SCHEMA_VERSION]
         await submit(first)
     finally:
@@ -130,9 +138,7 @@ async def test_check_schema_names_the_database_when_there_is_no_schema(db_url: s
 
 
 async def test_a_schema_newer_than_this_package_knows_is_refused(store: Store) -> None:
-    writer, _ = store._engines()
-    async with writer.begin() as conn:
-        await conn.execute(schema_table.update().values(version=SCHEMA_VERSION + 1))
+    await write(store, schema_table.update().values(version=SCHEMA_VERSION + 1))
     with pytest.raises(SchemaError, match="newer"):
         await store.migrate()
     with pytest.raises(SchemaError, match=str(SCHEMA_VERSION + 1)):
@@ -566,9 +572,9 @@ async def test_a_failure_with_retries_left_is_rescheduled_after_its_back_off(
     await submit(store, max_attempts=3, retry_delays=[60.0])
     delivery = await claim_one(store)
     await apply(store, report(delivery, "RUNNING"))
-    before = await store.clock()
+    before = await clock(store)
     outcome = await apply(store, report(delivery, "FAILED", error=error("KeyError", "'id'")))
-    after = await store.clock()
+    after = await clock(store)
     assert outcome == ["accepted"]
     row = await fetch(store, delivery["id"])
     assert row["state"] == "SCHEDULED"
@@ -589,7 +595,7 @@ async def test_each_retry_waits_its_own_back_off_and_the_last_one_repeats(
     waits = []
     for _ in range(3):
         delivery = await claim_one(store)
-        before = await store.clock()
+        before = await clock(store)
         await apply(store, report(delivery, "FAILED", error=error()))
         row = await fetch(store, delivery["id"])
         assert row["state"] == "SCHEDULED"
@@ -739,7 +745,7 @@ async def test_a_heartbeat_renews_running_runs_too(store: Store) -> None:
         worker_id="w1", held=[(delivery["id"], delivery["lease_token"])], lease_seconds=LEASE
     )
     assert (renewed, stop) == ([delivery["id"]], [])
-    assert await store.reap_expired() == []
+    assert await reap_expired(store) == []
 
 
 async def test_a_heartbeat_tells_the_worker_to_stop_runs_it_no_longer_holds(
@@ -750,7 +756,7 @@ async def test_a_heartbeat_tells_the_worker_to_stop_runs_it_no_longer_holds(
     done, lost, unmentioned = await claim(store, "w1")
     await apply(store, report(done, "COMPLETED"))
     await expire_leases(store, lost["id"])
-    await store.reap_expired()
+    await reap_expired(store)
     held = [(r["id"], r["lease_token"]) for r in (done, lost)] + [(uuid.uuid4(), "t")]
     renewed, stop, cancel = await store.heartbeat(worker_id="w1", held=held, lease_seconds=LEASE)
     assert renewed == [] and cancel == []
@@ -788,7 +794,7 @@ async def test_an_expired_lease_sends_the_run_back_to_scheduled_as_a_rescue(
     waiting, started = await claim(store)
     await apply(store, report(started, "RUNNING"))
     await expire_leases(store, waiting["id"], started["id"])
-    reaped = await store.reap_expired()
+    reaped = await reap_expired(store)
     assert sorted(reaped) == sorted([(waiting["id"], "SCHEDULED"), (started["id"], "SCHEDULED")])
     for delivery in (waiting, started):
         row = await fetch(store, delivery["id"])
@@ -796,14 +802,14 @@ async def test_an_expired_lease_sends_the_run_back_to_scheduled_as_a_rescue(
         assert (row["attempt"], row["rescues"]) == (1, 1)
         assert row["worker_id"] is None and row["lease_expires_at"] is None
         assert row["finished_at"] is None and row["error"] is None
-    assert await store.reap_expired() == []
+    assert await reap_expired(store) == []
     assert [r["attempt"] for r in await claim(store, "w2")] == [2, 2]
 
 
 async def test_a_lease_expires_on_the_stores_clock_without_a_heartbeat(store: Store) -> None:
     row = await submit(store)
     await store.claim(worker_id="w1", tasks=[TASK], slots=1, lease_seconds=0.05)
-    assert await eventually(store.reap_expired) == [(row["id"], "SCHEDULED")]
+    assert await eventually(lambda: reap_expired(store)) == [(row["id"], "SCHEDULED")]
 
 
 async def test_a_run_whose_rescues_are_spent_ends_crashed_worker_lost(store: Store) -> None:
@@ -811,12 +817,12 @@ async def test_a_run_whose_rescues_are_spent_ends_crashed_worker_lost(store: Sto
     for rescues in (1, 2):
         delivery = await claim_one(store)
         await expire_leases(store, row["id"])
-        assert await store.reap_expired() == [(row["id"], "SCHEDULED")]
+        assert await reap_expired(store) == [(row["id"], "SCHEDULED")]
         assert (await fetch(store, row["id"]))["rescues"] == rescues
     delivery = await claim_one(store)
     await apply(store, report(delivery, "RUNNING"))
     await expire_leases(store, row["id"])
-    assert await store.reap_expired() == [(row["id"], "CRASHED")]
+    assert await reap_expired(store) == [(row["id"], "CRASHED")]
     crashed = await fetch(store, row["id"])
     assert crashed["state"] == "CRASHED"
     assert crashed["attempt"] == 3 and crashed["rescues"] == 2
@@ -829,7 +835,7 @@ async def test_max_rescues_zero_crashes_the_run_at_the_first_loss(store: Store) 
     row = await submit(store, max_rescues=0, max_attempts=3)
     await claim_one(store)
     await expire_leases(store, row["id"])
-    assert await store.reap_expired() == [(row["id"], "CRASHED")]
+    assert await reap_expired(store) == [(row["id"], "CRASHED")]
     crashed = await fetch(store, row["id"])
     assert crashed["error"]["type"] == "WorkerLost"
     assert crashed["rescues"] == 0
@@ -841,7 +847,7 @@ async def test_an_expired_run_with_a_cancel_request_ends_cancelled(store: Store)
     await apply(store, report(delivery, "RUNNING"))
     await store.cancel_run(row["id"])
     await expire_leases(store, row["id"])
-    assert await store.reap_expired() == [(row["id"], "CANCELLED")]
+    assert await reap_expired(store) == [(row["id"], "CANCELLED")]
     cancelled = await fetch(store, row["id"])
     assert cancelled["state"] == "CANCELLED"
     assert cancelled["error"] is None
@@ -855,7 +861,7 @@ async def test_runs_whose_lease_has_not_expired_are_not_reaped(store: Store) -> 
     await apply(store, report(started, "RUNNING"))
     await expire_leases(store, expired["id"])
     untouched = {r["id"]: await fetch(store, r["id"]) for r in (fresh, started)}
-    assert await store.reap_expired() == [(expired["id"], "SCHEDULED")]
+    assert await reap_expired(store) == [(expired["id"], "SCHEDULED")]
     for run_id, row in untouched.items():
         assert await fetch(store, run_id) == row
 
@@ -870,7 +876,7 @@ async def test_finished_and_waiting_runs_are_never_reaped(store: Store) -> None:
         runs.c.id.in_([waiting["id"], done["id"]]),
         lease_expires_at=datetime.now(UTC) - timedelta(minutes=5),
     )
-    assert await store.reap_expired() == []
+    assert await reap_expired(store) == []
     assert (await fetch(store, done["id"]))["state"] == "COMPLETED"
     assert (await fetch(store, waiting["id"]))["state"] == "SCHEDULED"
 
@@ -963,10 +969,10 @@ async def test_the_history_records_losses_and_releases_with_their_reasons(
     await apply(store, report(delivery, "RELEASED"))
     await claim_one(store)
     await expire_leases(store, row["id"])
-    await store.reap_expired()
+    await reap_expired(store)
     await claim_one(store)
     await expire_leases(store, row["id"])
-    await store.reap_expired()
+    await reap_expired(store)
     entries = await store.run_history(row["id"])
     steps = [(e["from_state"], e["to_state"], e["reason"]) for e in entries]
     assert steps == [
@@ -1052,7 +1058,7 @@ async def test_a_report_under_a_lost_lease_is_stale_and_the_successors_is_accept
     lost = await claim_one(store, "w-a")
     assert await apply(store, report(lost, "RUNNING")) == ["accepted"]
     await expire_leases(store, row["id"])
-    assert await store.reap_expired() == [(row["id"], "SCHEDULED")]
+    assert await reap_expired(store) == [(row["id"], "SCHEDULED")]
     successor = await claim_one(second_store, "w-b")
     assert successor["id"] == row["id"]
     assert successor["lease_token"] != lost["lease_token"]
@@ -1082,7 +1088,7 @@ async def test_a_failure_reported_after_the_reaper_took_the_lease_back_is_stale(
     lost = await claim_one(store)
     await apply(store, report(lost, "RUNNING"))
     await expire_leases(store, row["id"])
-    await store.reap_expired()
+    await reap_expired(store)
     before = await fetch(store, row["id"])
     outcome = await apply(store, report(lost, "FAILED", error=error("LateError")))
     assert await fetch(store, row["id"]) == before  # the failure was not recorded...

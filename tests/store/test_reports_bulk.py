@@ -12,9 +12,9 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
-from fastapi_bgtasks.store import Store, runs
+from fastapi_bgtasks.store import DeliveryRow, RunRow, Store, runs
 from fastapi_bgtasks.wire import ErrorInfo
-from tests.storekit import apply, fetch, report, submit_run
+from tests.storekit import apply, connect, fetch, report, submit_run
 
 pytestmark = pytest.mark.anyio
 
@@ -39,24 +39,24 @@ SHAPES: list[Any] = [
 ]
 
 
-# -- fixtures and helpers (as in tests/test_store.py) -------------------------
+# -- fixtures and helpers (as in tests/store/test_store.py) -------------------
 
 
-async def submit(store: Store, task: str = TASK, **options: Any) -> dict[str, Any]:
+async def submit(store: Store, task: str = TASK, **options: Any) -> RunRow:
     return await submit_run(store, task, **options)
 
 
-async def claim(store: Store, slots: int = 10, worker: str = "w1") -> list[dict[str, Any]]:
+async def claim(store: Store, slots: int = 10, worker: str = "w1") -> list[DeliveryRow]:
     return await store.claim(worker_id=worker, tasks=(TASK,), slots=slots, lease_seconds=LEASE)
 
 
-async def claim_one(store: Store) -> dict[str, Any]:
+async def claim_one(store: Store) -> DeliveryRow:
     claimed = await claim(store, slots=1)
     assert len(claimed) == 1
     return claimed[0]
 
 
-async def leased_runs(store: Store, count: int, **options: Any) -> list[dict[str, Any]]:
+async def leased_runs(store: Store, count: int, **options: Any) -> list[DeliveryRow]:
     """`count` runs submitted with `options` and claimed: PENDING under w1."""
     for _ in range(count):
         await submit(store, **options)
@@ -71,8 +71,7 @@ async def steps(store: Store, run_id: uuid.UUID) -> list[tuple[str | None, str]]
 
 async def scalar(store: Store, query: Any) -> Any:
     """One value read straight from the runs table, bypassing the JSON type."""
-    _, reader = store._engines()
-    async with reader.connect() as conn:
+    async with connect(store) as conn:
         return await conn.scalar(query)
 
 
@@ -510,7 +509,6 @@ async def test_a_report_batch_and_a_heartbeat_of_one_worker_never_deadlock(store
     deterministic by a third transaction holding the lower row: the
     heartbeat queues for it first, then the batch, and both are let go."""
     low, high = sorted(await leased_runs(store, 2), key=lambda d: d["id"])
-    writer, _ = store._engines()
     answers: dict[str, Any] = {}
 
     async def batch() -> None:
@@ -536,13 +534,13 @@ async def test_a_report_batch_and_a_heartbeat_of_one_worker_never_deadlock(store
             "WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
         while True:
-            async with writer.connect() as conn:
+            async with connect(store) as conn:
                 if await conn.scalar(query) >= count:
                     return
             await anyio.sleep(0.01)
 
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg, writer.begin() as blocker:
+        async with anyio.create_task_group() as tg, connect(store, begin=True) as blocker:
             await blocker.execute(
                 sa.select(runs.c.id).where(runs.c.id == low["id"]).with_for_update()
             )

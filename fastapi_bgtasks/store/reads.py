@@ -1,0 +1,112 @@
+"""⑥ Status reads, and the feed's two reads: the runs a worker already
+holds (re-sent when its stream reconnects) and when the next waiting run
+falls due. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..states import RunState
+from .dialect import Database
+from .rows import DeliveryRow, HistoryRow, RunRow, delivery_row, history_row, run_row, utc
+from .schema import SCHEDULED, history, runs
+
+__all__ = ["DELIVERY", "Reads"]
+
+# What a worker is sent of a claimed run.
+DELIVERY = (
+    runs.c.id,
+    runs.c.task,
+    runs.c.attempt,
+    runs.c.lease_token,
+    runs.c.args,
+    runs.c.kwargs,
+    runs.c.timeout_seconds,
+    runs.c.priority,
+    runs.c.scheduled_at,
+)
+
+
+class Reads:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        # From now on, by the index of waiting runs by due time: a backlog
+        # of due runs costs nothing.
+        self._next_due = (
+            sa.select(runs.c.scheduled_at)
+            .where(
+                SCHEDULED,
+                runs.c.scheduled_at > db.now_param(),
+                runs.c.task.in_(sa.bindparam("tasks", expanding=True)),
+            )
+            .order_by(runs.c.scheduled_at)
+            .limit(1)
+        )
+
+    async def ping(self) -> None:
+        async with self._db.read() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
+        async with self._db.read() as conn:
+            row = (await conn.execute(sa.select(runs).where(runs.c.id == run_id))).first()
+        return run_row(row) if row is not None else None
+
+    async def list_runs(
+        self,
+        *,
+        state: RunState | None,
+        task: str | None,
+        limit: int,
+        cursor: tuple[datetime, uuid.UUID] | None,
+    ) -> list[RunRow]:
+        query = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(runs.c.state == state.value)
+        if task is not None:
+            query = query.where(runs.c.task == task)
+        if cursor is not None:
+            at, run_id = cursor
+            query = query.where(
+                sa.or_(
+                    runs.c.created_at < at,
+                    sa.and_(runs.c.created_at == at, runs.c.id < run_id),
+                )
+            )
+        async with self._db.read() as conn:
+            return [run_row(r) for r in await conn.execute(query)]
+
+    async def run_history(self, run_id: uuid.UUID) -> list[HistoryRow]:
+        query = sa.select(history).where(history.c.run_id == run_id).order_by(history.c.id)
+        async with self._db.read() as conn:
+            return [history_row(r) for r in await conn.execute(query)]
+
+    async def leased_to(self, worker_id: str, tasks: Sequence[str]) -> list[DeliveryRow]:
+        """Runs still PENDING under this worker: re-sent when its feed reconnects."""
+        query = (
+            sa.select(*DELIVERY)
+            .where(
+                runs.c.worker_id == worker_id,
+                runs.c.state == RunState.PENDING.value,
+                runs.c.task.in_(list(tasks)),
+            )
+            .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
+        )
+        async with self._db.read() as conn:
+            return [delivery_row(r) for r in await conn.execute(query)]
+
+    async def next_due(self, tasks: Sequence[str]) -> datetime | None:
+        """When the earliest run of these tasks not yet due becomes due (runs
+        already due are the claim's business)."""
+        params: dict[str, Any] = {"tasks": list(tasks), **self._db.clock_params()}
+        async with self._db.read() as conn:
+            value = await conn.scalar(self._next_due, params)
+        if isinstance(value, str):  # defensive: SQLite text timestamps
+            value = datetime.fromisoformat(value)
+        return utc(value)

@@ -1,0 +1,112 @@
+"""Cross-process wake-ups: how an app process learns that another one (or
+a submitter without a lifespan) wrote runs, so its feeds claim at once
+instead of at their next poll. PostgreSQL: NOTIFY and LISTEN; SQLite:
+PRAGMA data_version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import anyio
+import sqlalchemy as sa
+
+from ..backoff import Backoff
+from .dialect import Database
+from .submits import NOTIFY_CHANNEL
+
+__all__ = ["notify", "watch"]
+
+log = logging.getLogger("fastapi_bgtasks.store")
+
+
+async def notify(db: Database, tasks: Sequence[str]) -> None:
+    """Tell other app processes that runs of these tasks are waiting.
+    Sent after the submit's commit, outside its transaction."""
+    if not db.is_pg or not tasks:
+        return
+    # Listeners re-claim for every task they serve whatever the payload:
+    # one NOTIFY carries the whole coalesced set, within NOTIFY's size limit.
+    payload = ",".join(tasks)[:7000]
+    statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("payload", payload)))
+    async with db.one() as conn:
+        await conn.execute(statement)
+
+
+async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
+    """Call `on_change(task or None)` whenever another process writes runs.
+
+    PostgreSQL: LISTEN on a dedicated connection, re-opened with back-off;
+    every (re)connect is followed by `on_change(None)` (a full claim pass).
+    SQLite: PRAGMA data_version on a dedicated connection.
+    Runs until cancelled.
+    """
+    if db.is_pg:
+        await _watch_pg(db, on_change)
+    else:
+        await _watch_sqlite(db, on_change)
+
+
+async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> None:
+    # Imported here: a process on SQLite never loads PostgreSQL's driver (3 MB).
+    import asyncpg
+
+    backoff = Backoff(0.1, 5.0, jitter=False)
+    dsn = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    while True:
+        conn = None
+        try:
+            conn = await asyncpg.connect(
+                dsn, timeout=10, server_settings={"application_name": "fastapi_bgtasks"}
+            )
+            lost = anyio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await conn.add_listener(
+                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(payload)
+            )
+            on_change(None)
+            backoff.reset()
+            while not lost.is_set():
+                with anyio.move_on_after(5):
+                    await lost.wait()
+                if not lost.is_set():
+                    await conn.execute("SELECT 1", timeout=5)  # notice a half-open link
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("Wake-up listener lost the database (%s); reconnecting", exc)
+        finally:
+            if conn is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await conn.close(timeout=2)
+        await backoff.sleep()
+
+
+async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -> None:
+    # Imported here: a process on PostgreSQL never loads SQLite's driver.
+    import aiosqlite
+
+    path = db.url.database or ""
+    while True:
+        conn = None
+        try:
+            # aiosqlite starts a thread per connection: opening and closing
+            # are shielded so a cancel mid-way cannot strand that thread.
+            with anyio.CancelScope(shield=True):
+                conn = await aiosqlite.connect(path, timeout=30)
+            assert conn is not None
+            last = None
+            while True:
+                async with conn.execute("PRAGMA data_version") as cursor:
+                    row = await cursor.fetchone()
+                version = row[0] if row else None
+                if last is not None and version != last:
+                    on_change(None)
+                last = version
+                await anyio.sleep(0.02)
+        except (OSError, aiosqlite.Error) as exc:
+            log.warning("Wake-up watcher lost the SQLite file (%s); retrying", exc)
+        finally:
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+        await anyio.sleep(1.0)
