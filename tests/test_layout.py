@@ -50,10 +50,13 @@ def _imports(name: str) -> Iterator[str]:
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            yield module
-            for alias in node.names:  # `from . import x` imports the module x
-                if f"{module}.{alias.name}" in MODULES:
-                    yield f"{module}.{alias.name}"
+            submodules = [f"{module}.{a.name}" for a in node.names]
+            found = [m for m in submodules if m in MODULES]
+            # `from . import x` of a module x imports x (its package is
+            # already loaded); a name from a module imports that module.
+            if len(found) < len(submodules):
+                yield module
+            yield from found
 
 
 def _internal(target: str) -> str | None:

@@ -75,17 +75,8 @@ async def _deliveries(
 ) -> AsyncIterator[ServerSentEvent]:
     store = running.store
     wakeups = running.wakeups
-    hello = Hello(
-        worker_id=worker_id,
-        lease_seconds=hub.settings.lease_seconds,
-        heartbeat_seconds=hub.settings.heartbeat_seconds,
-        report_interval=hub.settings.report_interval,
-        max_body_bytes=hub.settings.worker_body_bytes,
-        max_result_bytes=hub.settings.max_result_bytes,
-        clock=time.monotonic(),
-    )
     wakeups.lost_workers.discard(worker_id)  # it is back: serve it again
-    yield ServerSentEvent(data=hello.model_dump_json(), event="hello")
+    yield _hello_event(hub, worker_id)
     deadline = time.monotonic() + hub.settings.feed_max_seconds
     unsent: Sequence[Mapping[str, Any]] = []
     try:
@@ -96,12 +87,9 @@ async def _deliveries(
         while not (shutdown.is_set() or running.closing.is_set()):
             if time.monotonic() >= deadline or worker_id in wakeups.lost_workers:
                 break
-            events = [
-                wakeups.runs_event(),
-                wakeups.worker_event(worker_id),
-                shutdown,
-                running.closing,
-            ]
+            # Taken before the claim, so a change during it still wakes us.
+            events = [wakeups.runs_event(), wakeups.worker_event(worker_id), shutdown]
+            events.append(running.closing)
             try:
                 # Stamped before the claim: the lease cannot be older than this.
                 leased_at = time.monotonic()
@@ -114,8 +102,7 @@ async def _deliveries(
                 if unsent and worker_id in wakeups.lost_workers:
                     # Reaped meanwhile: hand back what this claim took, now.
                     taken, unsent = unsent, []
-                    await store.release_unsent([(r["id"], r["lease_token"]) for r in taken])
-                    wakeups.runs_added(None)
+                    await _release_unsent(running, taken)
                     break
                 if unsent:
                     event = _runs_event(unsent, leased_at)
@@ -132,20 +119,46 @@ async def _deliveries(
             except StoreUnavailable as exc:
                 log.warning("Feed for %s: %s", worker_id, exc)
                 timeout, due = min(hub.settings.poll_seconds, 1.0), None
-            if due is not None:
-                wait = (due - datetime.now(UTC)).total_seconds()
-                if wait > 0:
-                    timeout = min(timeout, wait)
-            await wait_any(events, timeout)
+            await wait_any(events, _until_due(timeout, due))
         yield ServerSentEvent(data="{}", event="bye")
     finally:
         if unsent:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                try:
-                    await store.release_unsent([(r["id"], r["lease_token"]) for r in unsent])
-                    wakeups.runs_added(None)
-                except BgTasksError as exc:  # the lease expires instead
-                    log.warning("Could not release unsent runs: %s", exc)
+            await _release_unsent(running, unsent)
+
+
+def _hello_event(hub: ServerHub, worker_id: str) -> ServerSentEvent:
+    """The feed's first event: the timing and limits the worker must use."""
+    settings = hub.settings
+    hello = Hello(
+        worker_id=worker_id,
+        lease_seconds=settings.lease_seconds,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        report_interval=settings.report_interval,
+        max_body_bytes=settings.worker_body_bytes,
+        max_result_bytes=settings.max_result_bytes,
+        clock=time.monotonic(),
+    )
+    return ServerSentEvent(data=hello.model_dump_json(), event="hello")
+
+
+def _until_due(timeout: float, due: datetime | None) -> float:
+    """Sleep no longer than until the earliest waiting run is due."""
+    if due is not None:
+        wait = (due - datetime.now(UTC)).total_seconds()
+        if wait > 0:
+            timeout = min(timeout, wait)
+    return timeout
+
+
+async def _release_unsent(running: Running, unsent: Sequence[Mapping[str, Any]]) -> None:
+    """Claimed runs the stream never took: back to the queue at once, their
+    attempt not counted (shielded: the stream may be closing)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        try:
+            await running.store.release_unsent([(r["id"], r["lease_token"]) for r in unsent])
+            running.wakeups.runs_added(None)
+        except BgTasksError as exc:  # the lease expires instead
+            log.warning("Could not release unsent runs: %s", exc)
 
 
 @router.get(
