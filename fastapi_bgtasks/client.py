@@ -85,15 +85,7 @@ class ApiClient:
         idempotency_key: str | None = None,
         priority: int = 0,
     ) -> RunDocument:
-        body: dict[str, Any] = {"task": task, "args": args, "kwargs": kwargs}
-        if countdown is not None:
-            body["countdown"] = countdown
-        if eta is not None:
-            body["eta"] = eta.isoformat()
-        if idempotency_key is not None:
-            body["idempotency_key"] = idempotency_key
-        if priority:
-            body["priority"] = priority
+        body = submit_body(task, args, kwargs, countdown, eta, idempotency_key, priority)
         response = await self._request("POST", "/runs", json=body)
         return RunDocument.model_validate_json(response.content)
 
@@ -105,8 +97,7 @@ class ApiClient:
                 f"A map over HTTP takes at most {MAX_MAP_CALLS} calls (POST /runs/batch), "
                 f"not {len(calls)}: split the items. Nothing was stored."
             )
-        body = {"task": task, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
-        response = await self._request("POST", "/runs/batch", json=body)
+        response = await self._request("POST", "/runs/batch", json=map_body(task, calls))
         return MapResponse.model_validate_json(response.content).runs
 
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:
@@ -243,3 +234,34 @@ class HttpRoute:
     async def aclose(self) -> None:
         if self._owns_client:
             await self.client.aclose()
+
+
+# The request bodies, built by hand (no model round trip on the submit path);
+# tests/test_wire_parity.py ties each to its schema in wire.py.
+
+
+def submit_body(
+    task: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    countdown: float | None = None,
+    eta: datetime | None = None,
+    idempotency_key: str | None = None,
+    priority: int = 0,
+) -> dict[str, Any]:
+    """The body of `POST /runs` (`wire.SubmitRequest`), defaults left out."""
+    body: dict[str, Any] = {"task": task, "args": args, "kwargs": kwargs}
+    if countdown is not None:
+        body["countdown"] = countdown
+    if eta is not None:
+        body["eta"] = eta.isoformat()
+    if idempotency_key is not None:
+        body["idempotency_key"] = idempotency_key
+    if priority:
+        body["priority"] = priority
+    return body
+
+
+def map_body(task: str, calls: list[tuple[list[Any], dict[str, Any]]]) -> dict[str, Any]:
+    """The body of `POST /runs/batch` (`wire.MapRequest`)."""
+    return {"task": task, "calls": [{"args": a, "kwargs": k} for a, k in calls]}
