@@ -1,1 +1,2 @@
-"""The seed's guided examples, ported to fastapi_bgtasks."""
+"""Prefect's background-task examples (its guided examples of deferred tasks and
+task workers), ported to fastapi_bgtasks."""

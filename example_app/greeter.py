@@ -1,4 +1,5 @@
-"""Example 1 of the seed: a task called in the foreground is a plain call.
+"""Example 1 of Prefect's background-task examples: a task called in the
+foreground is a plain call.
 
 python -m example_app.greeter
 """

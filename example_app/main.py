@@ -1,4 +1,5 @@
-"""The example web app: the seed's FastAPI examples on fastapi_bgtasks.
+"""The example web app: the FastAPI examples among Prefect's background-task
+examples (a basic app, then user signups), on fastapi_bgtasks.
 
 uvicorn example_app.main:app
 """

@@ -16,7 +16,7 @@ bg = BgTasks()
 
 @bg.task
 def my_background_task(name: str) -> str:
-    """The seed's first background task: greet someone, out of the request."""
+    """Prefect's example background task: greet someone, out of the request."""
     greeting = f"Hello, {name}!"
     print(greeting, flush=True)
     return greeting

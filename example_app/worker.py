@@ -1,4 +1,5 @@
-"""Example 2 of the seed: a task worker started from Python (`serve()`).
+"""Example 2 of Prefect's background-task examples: a task worker started
+from Python (`serve()`).
 
     python -m example_app.worker http://127.0.0.1:8000/tasks
 

@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite on SQLite and PostgreSQL, then lint, typing and the
-# public-contract check. Starts the machine's PostgreSQL if it is not running.
+# README's test command: lint, typing, the public-contract check, then the
+# whole test suite on SQLite and PostgreSQL. pytest options pass through
+# (`bash scripts/test.sh -m "not slow"`). Creates .venv if needed and starts
+# the machine's PostgreSQL if it is not running; each check is defined in
+# scripts/checks.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-
-bash scripts/ensure-postgres.sh
-
-.venv/bin/ruff format --check fastapi_bgtasks tests example_app benchmarks
-.venv/bin/ruff check fastapi_bgtasks tests example_app benchmarks
-.venv/bin/mypy
-if [ -f ../shared/contract_check.py ]; then
-    .venv/bin/python ../shared/contract_check.py
-fi
-exec .venv/bin/python -m pytest "$@"
+bash scripts/checks.sh lint
+bash scripts/checks.sh type
+bash scripts/checks.sh contract
+exec bash scripts/checks.sh pytest "$@"
