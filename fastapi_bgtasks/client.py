@@ -28,6 +28,7 @@ from .wire import (
 )
 
 if TYPE_CHECKING:
+    from .schedule import Schedule
     from .tasks import Task
 
 __all__ = ["ApiClient", "FeedEvent", "HttpRoute", "reports_body"]
@@ -207,20 +208,16 @@ class HttpRoute:
         task: Task[Any, Any],
         args: list[Any],
         kwargs: dict[str, Any],
-        *,
-        countdown: float | None,
-        eta: datetime | None,
-        idempotency_key: str | None,
-        priority: int,
+        schedule: Schedule,
     ) -> RunDocument:
         return await self.client.submit(
             task.name,
             args,
             kwargs,
-            countdown=countdown,
-            eta=eta,
-            idempotency_key=idempotency_key,
-            priority=priority,
+            countdown=schedule.countdown,
+            eta=schedule.eta,
+            idempotency_key=schedule.idempotency_key,
+            priority=schedule.priority,
         )
 
     async def submit_many(

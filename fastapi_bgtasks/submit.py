@@ -57,15 +57,7 @@ async def submit_call(
     document and whether it was created (False: an idempotent repeat)."""
     json_args, json_kwargs = task.dump_arguments(args, kwargs)
     to = await where()
-    return await to.submit_row(
-        task,
-        json_args,
-        json_kwargs,
-        countdown=schedule.countdown,
-        eta=schedule.eta,
-        idempotency_key=schedule.idempotency_key,
-        priority=schedule.priority,
-    )
+    return await to.submit_row(task, json_args, json_kwargs, schedule)
 
 
 async def submit_calls(
@@ -120,11 +112,7 @@ class Destination(Protocol):
         task: Task[Any, Any],
         args: list[Any],
         kwargs: dict[str, Any],
-        *,
-        countdown: float | None,
-        eta: datetime | None,
-        idempotency_key: str | None,
-        priority: int,
+        schedule: Schedule,
     ) -> tuple[RunDocument, bool]: ...
 
     async def submit_many(self, task: Task[Any, Any], calls: Calls) -> list[RunDocument]: ...
@@ -161,11 +149,7 @@ class StoreRoute:
         task: Task[Any, Any],
         args: list[Any],
         kwargs: dict[str, Any],
-        *,
-        countdown: float | None,
-        eta: datetime | None,
-        idempotency_key: str | None,
-        priority: int,
+        schedule: Schedule,
     ) -> tuple[RunDocument, bool]:
         store = await self._ready()
         row, created = await store.insert_run(
@@ -176,16 +160,16 @@ class StoreRoute:
             max_rescues=task.max_rescues,
             retry_delays=task.retry_delays,
             timeout_seconds=task.options.timeout_seconds,
-            priority=priority,
-            countdown=countdown,
-            eta=eta,
-            idempotency_key=idempotency_key,
+            priority=schedule.priority,
+            countdown=schedule.countdown,
+            eta=schedule.eta,
+            idempotency_key=schedule.idempotency_key,
             # No lifespan here to coalesce NOTIFYs: the insert sends its own.
             notify=self.wakeups is None,
         )
         if not created and (row["args"] != args or row["kwargs"] != kwargs):
             raise IdempotencyConflict(
-                f"Idempotency key {idempotency_key!r} was used for run {row['id']} of "
+                f"Idempotency key {schedule.idempotency_key!r} was used for run {row['id']} of "
                 f"{task.name!r} with other arguments."
             )
         if created and self.wakeups is not None:
@@ -232,21 +216,9 @@ class HttpDestination:
         task: Task[Any, Any],
         args: list[Any],
         kwargs: dict[str, Any],
-        *,
-        countdown: float | None,
-        eta: datetime | None,
-        idempotency_key: str | None,
-        priority: int,
+        schedule: Schedule,
     ) -> tuple[RunDocument, bool]:
-        document = await self.route.submit(
-            task,
-            args,
-            kwargs,
-            countdown=countdown,
-            eta=eta,
-            idempotency_key=idempotency_key,
-            priority=priority,
-        )
+        document = await self.route.submit(task, args, kwargs, schedule)
         return document, True
 
     async def submit_many(self, task: Task[Any, Any], calls: Calls) -> list[RunDocument]:

@@ -84,11 +84,7 @@ class RemoteRoute(Protocol):
         task: Task[Any, Any],
         args: list[Any],
         kwargs: dict[str, Any],
-        *,
-        countdown: float | None,
-        eta: datetime | None,
-        idempotency_key: str | None,
-        priority: int,
+        schedule: Schedule,
     ) -> RunDocument: ...
 
     async def submit_many(

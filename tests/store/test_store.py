@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from fastapi_bgtasks import BgTasks
 from fastapi_bgtasks.errors import IdempotencyConflict, RunFinished, RunNotFound, SchemaError
+from fastapi_bgtasks.schedule import Schedule
 from fastapi_bgtasks.states import RunState
 from fastapi_bgtasks.store import (
     SCHEMA_VERSION,
@@ -268,13 +269,13 @@ async def test_an_idempotency_key_reused_with_other_arguments_is_a_conflict(
         return a + b
 
     route = StoreRoute(store, None)
-    options: dict[str, Any] = {"countdown": None, "eta": None, "priority": 0}
-    first, created = await route.submit_row(add, [1, 2], {}, idempotency_key="k", **options)
+    keyed = Schedule(idempotency_key="k")
+    first, created = await route.submit_row(add, [1, 2], {}, keyed)
     assert created
-    replay, created = await route.submit_row(add, [1, 2], {}, idempotency_key="k", **options)
+    replay, created = await route.submit_row(add, [1, 2], {}, keyed)
     assert not created and replay.id == first.id
     with pytest.raises(IdempotencyConflict, match=str(first.id)):
-        await route.submit_row(add, [1, 3], {}, idempotency_key="k", **options)
+        await route.submit_row(add, [1, 3], {}, keyed)
     listed = await store.list_runs(state=None, task="add", limit=10, cursor=None)
     assert [r["args"] for r in listed] == [[1, 2]]
 
