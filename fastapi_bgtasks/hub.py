@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
@@ -64,6 +64,8 @@ class BgTasks:
         max_streams: int = 1024,
         max_list_limit: int = 500,
         pool_size: int = 10,
+        trust_loopback: bool | None = None,
+        loopback_hosts: Iterable[str] = (),
     ) -> None:
         self.settings = Settings.build(
             database_url,
@@ -84,6 +86,8 @@ class BgTasks:
             max_streams=max_streams,
             max_list_limit=max_list_limit,
             pool_size=pool_size,
+            trust_loopback=trust_loopback,
+            loopback_hosts=loopback_hosts,
         )
         self.dispatch = Dispatch(self.settings)
         self.registry = self.dispatch.registry
@@ -187,6 +191,19 @@ class BgTasks:
             self._app = build_app(self)
         return self._app
 
+    def install(self, app: Any) -> None:
+        """Answer this library's errors in the host app's own routes as the
+        mounted API does: `bg.install(app)` after creating the app.
+
+        A `BgTasksError` raised in a host route (`RunNotFound` from
+        `bg.read_run`, `StoreUnavailable`, `TaskNotFound`, ...) becomes the
+        JSON error body and status of its class in `errors.ERRORS`, instead
+        of a plain 500. The host's other errors are left to its own handlers.
+        """
+        from .server.responses import install_handlers
+
+        install_handlers(app)
+
     def submitter(self) -> Submitter:
         """A FastAPI dependency: `submit: Submitter = Depends(bg.submitter)`."""
         return Submitter(self.dispatch)
@@ -233,15 +250,23 @@ class BgTasks:
                 await store.close()
 
     def _warn_open_access(self) -> None:
-        if self.settings.token is None:
+        settings = self.settings
+        if settings.token is None:
             log.warning(
-                "fastapi_bgtasks: no BGTASKS_TOKEN set; worker routes serve loopback "
-                "clients only. Set a token before exposing the app."
+                "fastapi_bgtasks: no BGTASKS_TOKEN set; %s",
+                "worker routes serve local clients only. Set a token before exposing the app."
+                if settings.loopback_workers
+                else "and trust_loopback=False: worker routes refuse every client.",
             )
-        if self.settings.auth is None:
+        if settings.auth is None:
             log.warning(
                 "fastapi_bgtasks: no auth= dependency; operator routes (submit, list, "
-                "cancel) serve loopback clients only."
+                "cancel) serve %s.",
+                "local clients" + (" and the worker token" if settings.token else "")
+                if settings.loopback_operators
+                else "the worker token only"
+                if settings.token
+                else "no client",
             )
 
     # -- workers ---------------------------------------------------------

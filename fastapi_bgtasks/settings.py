@@ -6,6 +6,7 @@ worker's CLI only), then handed to whatever needs them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ class Settings:
     max_streams: int
     max_list_limit: int
     pool_size: int
+    loopback_workers: bool
+    loopback_operators: bool
+    loopback_hosts: frozenset[str]
 
     @property
     def worker_body_bytes(self) -> int:
@@ -69,6 +73,8 @@ class Settings:
         max_streams: int = 1024,
         max_list_limit: int = 500,
         pool_size: int = 10,
+        trust_loopback: bool | None = None,
+        loopback_hosts: Iterable[str] = (),
     ) -> Settings:
         """Validate every option; a bad one raises `ConfigurationError` naming it."""
         lease = _positive("lease_seconds", lease_seconds)
@@ -81,6 +87,8 @@ class Settings:
         if auth is not None and not callable(getattr(auth, "dependency", auth)):
             raise ConfigurationError("auth= must be Depends(callable) or a callable")
         reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
+        worker_token = _option("token", token, "BGTASKS_TOKEN")
+        workers, operators = _loopback_trust(trust_loopback, worker_token, auth)
         return cls(
             database_url=_text("database_url", database_url)
             or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
@@ -89,7 +97,7 @@ class Settings:
             heartbeat_seconds=heartbeat,
             report_interval=_at_least("report_interval", report_interval, 0.0),
             max_rescues=_count("max_rescues", max_rescues, 0),
-            token=_option("token", token, "BGTASKS_TOKEN"),
+            token=worker_token,
             auth=auth,
             remote_url=_url(_option("url", url, "BGTASKS_URL")),
             max_body_bytes=_count("max_body_bytes", max_body_bytes, 1),
@@ -102,7 +110,41 @@ class Settings:
             max_streams=_count("max_streams", max_streams, 1),
             max_list_limit=_count("max_list_limit", max_list_limit, 1),
             pool_size=_count("pool_size", pool_size, 1),
+            loopback_workers=workers,
+            loopback_operators=operators,
+            loopback_hosts=_hosts(loopback_hosts),
         )
+
+
+def _loopback_trust(trust: Any, token: str | None, auth: Any) -> tuple[bool, bool]:
+    """Where a local client stands in for a credential: (worker routes,
+    operator routes). By default (None) only where no credential is
+    configured: worker routes without a token, operator routes without a
+    token and without `auth=`. True keeps it on operator routes when only a
+    token is set; False turns it off everywhere."""
+    if trust is not None and not isinstance(trust, bool):
+        raise ConfigurationError(f"trust_loopback must be True, False or None, not {trust!r}")
+    if trust is False:
+        return False, False
+    operators = auth is None and (trust is True or token is None)
+    return token is None, operators
+
+
+def _hosts(value: Any) -> frozenset[str]:
+    """`Host` names, lower-cased, without brackets; no ports, no wildcards."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"loopback_hosts must be a list of host names, not {value!r}")
+    names = set()
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigurationError(f"loopback_hosts: {item!r} is not a host name")
+        name = item.strip().lower().removeprefix("[").removesuffix("]")
+        if any(c in name for c in "/*@ \t") or (name.count(":") == 1):
+            raise ConfigurationError(
+                f"loopback_hosts: {item!r} must be a bare host name (no scheme, port or wildcard)"
+            )
+        names.add(name)
+    return frozenset(names)
 
 
 def _text(name: str, value: Any) -> str | None:

@@ -46,6 +46,13 @@ BAD_OPTIONS: list[tuple[str, Any, str]] = [
     ("max_list_limit", 0, "max_list_limit"),
     ("pool_size", 0, "pool_size"),
     ("pool_size", None, "pool_size"),
+    ("trust_loopback", "yes", "trust_loopback"),
+    ("trust_loopback", 1, "trust_loopback"),
+    ("loopback_hosts", "app.local", "loopback_hosts"),
+    ("loopback_hosts", ["http://app.local"], "loopback_hosts"),
+    ("loopback_hosts", ["app.local:8000"], "loopback_hosts"),
+    ("loopback_hosts", ["*.local"], "loopback_hosts"),
+    ("loopback_hosts", [""], "loopback_hosts"),
 ]
 
 
@@ -123,3 +130,27 @@ def test_a_bgtasks_url_that_is_not_http_raises_naming_it(monkeypatch: pytest.Mon
 
 def test_a_heartbeat_defaults_to_a_quarter_of_the_lease() -> None:
     assert BgTasks(URL, lease_seconds=8).settings.heartbeat_seconds == 2.0
+
+
+@pytest.mark.parametrize(
+    ("options", "workers", "operators"),
+    [
+        ({}, True, True),
+        ({"token": "t"}, False, False),
+        ({"auth": print}, True, False),
+        ({"token": "t", "auth": print}, False, False),
+        ({"token": "t", "trust_loopback": True}, False, True),
+        ({"trust_loopback": False}, False, False),
+    ],
+    ids=["nothing", "token", "auth", "both", "token, trust on", "trust off"],
+)
+def test_local_clients_stand_in_only_for_a_credential_not_configured(
+    options: dict[str, Any], workers: bool, operators: bool
+) -> None:
+    settings = BgTasks(URL, **options).settings
+    assert (settings.loopback_workers, settings.loopback_operators) == (workers, operators)
+
+
+def test_loopback_hosts_are_kept_as_bare_lower_case_names() -> None:
+    hosts = BgTasks(URL, loopback_hosts=["App.Local", "[fd00::1]"]).settings.loopback_hosts
+    assert hosts == frozenset({"app.local", "fd00::1"})

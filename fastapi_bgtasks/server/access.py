@@ -1,19 +1,23 @@
 """Who may call which route: workers by bearer token, operators through the
 host's `auth=` dependency, frontends by holding a run id (a capability).
 
-With no token (or no `auth`) configured, the matching routes serve loopback
-clients only, and only when no proxy header says the request came from
-further away.
+A credential is checked before anything is counted: one that passes is never
+refused by the throttle. Only refusals on routes that need a credential are
+counted; a bearer sent to a capability route is not a credential there and
+is ignored. Loopback clients stand in for a credential only as `Settings`
+allows (`trust_loopback`), and only when no proxy header of any known kind
+is present and the `Host` names this machine (or one of `loopback_hosts`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import inspect
 import ipaddress
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.dependencies.utils import get_dependant, solve_dependencies
@@ -22,58 +26,128 @@ from ..errors import AccessDenied, BgTasksError, RateLimited
 from .context import Hub
 from .throttle import FailureThrottle  # the hub still imports it from here
 
+if TYPE_CHECKING:
+    from .context import ServerHub
+
 __all__ = [
     "OPERATOR",
+    "PROXY_HEADERS",
     "WORKER",
     "FailureThrottle",
     "OperatorVerdict",
     "check_operator",
     "check_worker",
     "host_auth",
+    "is_loopback",
     "require_operator",
 ]
 
-_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+PROXY_HEADERS = frozenset(
+    {
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "client-ip",
+        "forwarded-for",
+        "cf-connecting-ip",
+        "cf-connecting-ipv6",
+        "true-client-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
+        "x-envoy-external-address",
+        "x-appengine-user-ip",
+        "x-proxyuser-ip",
+    }
+)
+"""Headers a proxy adds (with every `X-Forwarded-*`): any of them on a
+request from a loopback address means the client may be anyone."""
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""`Host` names a loopback-trusted request may carry (with `loopback_hosts`)."""
 
 
-def is_loopback(request: Request) -> bool:
-    if any(h in request.headers for h in _PROXY_HEADERS):
+def _proxied(request: Request) -> bool:
+    return any(
+        name in PROXY_HEADERS or name.startswith("x-forwarded-") for name in request.headers.keys()
+    )
+
+
+def _host_name(request: Request) -> str:
+    """The `Host` header's name, lower-cased, without port or IPv6 brackets."""
+    host = request.headers.get("host", "").strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(request: Request, hosts: frozenset[str] = frozenset()) -> bool:
+    """A request that loopback trust may serve: from a loopback address,
+    through no proxy, naming this machine (or one of `hosts`) in `Host`, so
+    a page whose DNS name was rebound to 127.0.0.1 is not served."""
+    if _proxied(request):
         return False
     host = request.client.host if request.client else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        if not ipaddress.ip_address(host).is_loopback:
+            return False
     except ValueError:
         return False
+    name = _host_name(request)
+    return name in LOCAL_HOSTS or name in hosts
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 def _bearer_ok(request: Request, token: str | None) -> bool:
+    """Constant time, whatever the lengths: the digests are compared."""
     if not token:
         return False
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value:
         return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
+    presented = value.strip().encode("latin-1", "replace")
+    return hmac.compare_digest(_digest(presented), _digest(token.encode()))
 
 
 def _client(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
+def _counted(request: Request, hub: ServerHub, refusal: BaseException) -> BaseException:
+    """What to answer a refused request: the refusal, counted against its
+    address and credential, or 429 once the address is over the limit."""
+    credential = request.headers.get("authorization", "").encode("latin-1", "replace")
+    if hub.auth_throttle.refused(_client(request), credential):
+        window = hub.auth_throttle.window
+        return RateLimited(
+            f"Too many refused credentials from this client; wait up to {window:.0f} s."
+        )
+    return refusal
+
+
 async def check_worker(request: Request, hub: Hub) -> None:
     """The check on /feed and /worker/*: runs before any response starts."""
-    throttle = hub.auth_throttle
-    client = _client(request)
-    throttle.check(client)
-    if hub.settings.token:
-        if not _bearer_ok(request, hub.settings.token):
-            throttle.failed(client)
-            raise AccessDenied("Worker routes need `Authorization: Bearer <BGTASKS_TOKEN>`.")
-    elif not is_loopback(request):
-        throttle.failed(client)
-        raise AccessDenied(
-            "No BGTASKS_TOKEN is configured, so worker routes serve loopback clients only."
+    settings = hub.settings
+    if settings.token:
+        if _bearer_ok(request, settings.token):
+            return
+        refusal = AccessDenied("Worker routes need `Authorization: Bearer <BGTASKS_TOKEN>`.")
+    elif settings.loopback_workers and is_loopback(request, settings.loopback_hosts):
+        return
+    elif settings.loopback_workers:
+        refusal = AccessDenied(
+            "No BGTASKS_TOKEN is configured, so worker routes serve local clients only."
         )
+    else:
+        refusal = AccessDenied(
+            "No BGTASKS_TOKEN is configured and trust_loopback is off: worker routes are closed."
+        )
+    raise _counted(request, hub, refusal)
 
 
 HostCheck = Callable[[Request], Awaitable[BaseException | None]]
@@ -121,33 +195,28 @@ def host_auth(auth: Any) -> HostCheck | None:
 
 async def check_operator(request: Request, hub: Hub) -> BaseException | None:
     """None when the caller passes the operator check, else the exception
-    that says why not (raised by `require_operator`).
+    that says why not. Counts nothing: capability routes ask it only to
+    decide how much of a document to show, and a bearer of the caller's own
+    there is not a failure. `require_operator` counts the refusals.
 
     The worker's token is also an operator credential: tasks submit runs.
     """
-    host: HostCheck | None = request.app.state.host_auth
-    throttle = hub.auth_throttle
-    token = hub.settings.token
-    presented = request.headers.get("authorization", "").lower().startswith("bearer ")
-    # With no host auth, a bearer token here can only be the worker's: a
-    # wrong one counts as on worker routes (no way around the limit on
-    # guesses). A host auth may use bearer tokens of its own: not counted.
-    guarded = bool(token) and host is None and presented
-    if guarded:
-        try:
-            throttle.check(_client(request))
-        except RateLimited as exc:
-            return exc
-    if _bearer_ok(request, token):
+    settings = hub.settings
+    if _bearer_ok(request, settings.token):
         return None
-    if guarded:
-        throttle.failed(_client(request))
+    host: HostCheck | None = request.app.state.host_auth
     if host is not None:
         return await host(request)
-    if is_loopback(request):
+    if settings.loopback_operators and is_loopback(request, settings.loopback_hosts):
         return None
+    if settings.loopback_operators:
+        return AccessDenied(
+            "No auth= dependency is configured, so operator routes serve local clients only."
+        )
     return AccessDenied(
-        "No auth= dependency is configured, so operator routes serve loopback clients only."
+        "Operator routes need the worker token (no auth= dependency is configured)."
+        if settings.token
+        else "No auth= dependency or token is configured and trust_loopback is off."
     )
 
 
@@ -155,10 +224,11 @@ OperatorVerdict = Annotated[BaseException | None, Depends(check_operator)]
 """A handler parameter: None for an operator, else why the caller is not one."""
 
 
-async def require_operator(denied: OperatorVerdict) -> None:
-    """The check on operator routes: raise what the operator check reported."""
+async def require_operator(request: Request, hub: Hub, denied: OperatorVerdict) -> None:
+    """The check on operator routes: raise what the operator check reported,
+    counted against the caller (429 once it is over the limit)."""
     if denied is not None:
-        raise denied
+        raise _counted(request, hub, denied)
 
 
 OPERATOR = (Depends(require_operator),)

@@ -16,6 +16,7 @@ from . import feed, intake, reports, status
 from .access import host_auth
 from .bodylimit import BodyLimit
 from .context import Live
+from .origin import WriteGuard
 from .responses import EXCEPTION_HANDLERS, declare
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def build_app(hub: ServerHub) -> ASGIApp:
     )
     api.state.hub = hub
     api.state.host_auth = host_auth(hub.settings.auth)
+    api.add_middleware(WriteGuard)
     api.include_router(intake.router)
     api.include_router(status.router(hub.settings.max_list_limit))
     api.include_router(feed.router)

@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..wire import ErrorBody, clean_text
 
-__all__ = ["EXCEPTION_HANDLERS", "declare"]
+__all__ = ["EXCEPTION_HANDLERS", "declare", "install_handlers"]
 
 # The class that answers each status FastAPI and Starlette raise on their own
 # (or the host's `auth=` dependency raises as an HTTPException).
@@ -132,3 +132,13 @@ EXCEPTION_HANDLERS: dict[
     ValidationError: _on_bad_arguments,
 }
 """The sub-app's `exception_handlers=`: one JSON error body for every error."""
+
+
+def install_handlers(app: Any) -> None:
+    """Make a host app (FastAPI or Starlette) answer a `BgTasksError` raised
+    in its own routes with that class's status and JSON error body, as the
+    mounted API does. Nothing else of the host's error handling changes."""
+    add = getattr(app, "add_exception_handler", None)
+    if not callable(add):
+        raise TypeError("bg.install(app) needs a FastAPI or Starlette app")
+    add(BgTasksError, _on_bgtasks_error)

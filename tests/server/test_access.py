@@ -38,7 +38,7 @@ async def test_a_report_without_the_worker_token_is_a_401_and_changes_nothing(
     db_url: str, headers: dict[str, str]
 ) -> None:
     async with api(db_url, token=TOKEN) as (hub, http):
-        run_id = await submit(http)
+        run_id = await submit(http, headers={"Authorization": f"Bearer {TOKEN}"})
         lease_token = await claim(hub)
         response = await http.post(
             "/tasks/worker/reports",
@@ -95,7 +95,7 @@ async def test_the_worker_token_is_refused_in_the_query_string(db_url: str) -> N
 
 async def test_a_report_with_the_worker_token_is_accepted(db_url: str) -> None:
     async with api(db_url, token=TOKEN) as (hub, http):
-        run_id = await submit(http)
+        run_id = await submit(http, headers={"Authorization": f"Bearer {TOKEN}"})
         lease_token = await claim(hub)
         response = await http.post(
             "/tasks/worker/reports",
