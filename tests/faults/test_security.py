@@ -1271,6 +1271,17 @@ def sec_server(shared_db: tuple[str, Path]) -> Iterator[SecServer]:
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def open_server(shared_db: tuple[str, Path]) -> Iterator[SecServer]:
+    """The same app with no token and no `auth=`: loopback trust serves it."""
+    url, directory = shared_db
+    proc, base = start_app(url, directory, module="tests.faults.secapp:app", name="secapp-open")
+    try:
+        yield SecServer(proc, base, url)
+    finally:
+        proc.stop()
+
+
 class SseReader:
     """Reads an event stream the way the SSE spec does: a line ends in CRLF,
     LF or CR, a blank line ends an event. Any field but `event` and `data`
@@ -1414,41 +1425,77 @@ def test_repeated_refused_credentials_get_429_for_that_client_only(
 ) -> None:
     figures = tally("auth")
     heartbeat = {"worker_id": "w", "runs": []}
-    wrong = {"Authorization": "Bearer wrong"}
+
+    def wrong(n: int) -> dict[str, str]:
+        return {"Authorization": f"Bearer wrong-{n}"}
+
     with sec_server.client("127.0.0.3") as http:
         statuses = []
-        for _ in range(30):
+        for n in range(30):
             response = figures.saw(
-                "wrong token", http.post("/worker/heartbeat", json=heartbeat, headers=wrong)
+                "wrong token", http.post("/worker/heartbeat", json=heartbeat, headers=wrong(n))
             )
             statuses.append(response.status_code)
         assert statuses == [401] * 30
         limited = {
-            "heartbeat": refusal(http, "POST", "/worker/heartbeat", json=heartbeat, headers=wrong),
+            "heartbeat": refusal(
+                http, "POST", "/worker/heartbeat", json=heartbeat, headers=wrong(30)
+            ),
             "reports": refusal(
                 http,
                 "POST",
                 "/worker/reports",
                 json={"worker_id": "w", "reports": []},
-                headers=wrong,
+                headers=wrong(31),
             ),
             "feed": refusal(http, "GET", "/feed", **FEED),
             "submit with a wrong bearer": refusal(
-                http, "POST", "/runs", json={"task": "add", "args": [1, 2]}, headers=wrong
-            ),
-            # Checked before the credential, so a guess cannot tell right from
-            # wrong while the client is limited.
-            "the right token": refusal(
-                http, "POST", "/worker/heartbeat", json=heartbeat, headers=BEARER
+                http, "POST", "/runs", json={"task": "add", "args": [1, 2]}, headers=wrong(32)
             ),
         }
+        # The credential is checked first: the right token is never refused,
+        # so workers sharing the address are not locked out with it.
+        right = http.post("/worker/heartbeat", json=heartbeat, headers=BEARER)
+        submit = http.post("/runs", json={"task": "add", "args": [1, 2]}, headers=BEARER)
     for name, answer in limited.items():
         count_answer(figures, f"{name} while limited", answer)
         assert answer.status == 429, (name, answer)
         assert answer.body["error"] == "too_many_requests", (name, answer)
+    assert right.status_code == 200, right.text
+    assert submit.status_code == 202, submit.text
     # Another client is not limited by this one's failures.
     with sec_server.client("127.0.0.1") as http:
-        assert http.post("/worker/heartbeat", json=heartbeat, headers=BEARER).status_code == 200
+        assert http.post("/worker/heartbeat", json=heartbeat, headers=wrong(0)).status_code == 401
+    figures.assert_clean()
+
+
+def test_a_clients_own_bearer_on_status_reads_never_locks_out_its_addresss_workers(
+    sec_server: SecServer, tally: Any
+) -> None:
+    """A single-page app sends its session bearer on every call; behind a
+    proxy it shares the workers' address. Its status reads count nothing."""
+    figures = tally("auth")
+    run_id = sec_server.submit("add", 1, 2)
+    session = {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbm4ifQ.c2lnbmF0dXJl"}
+    heartbeat = {"worker_id": "w", "runs": []}
+    with sec_server.client("127.0.0.6") as http:
+        reads = [http.get(f"/runs/{run_id}", headers=session) for _ in range(40)]
+        beats = [http.post("/worker/heartbeat", json=heartbeat, headers=BEARER) for _ in range(3)]
+        anonymous = refusal(http, "POST", "/worker/heartbeat", json=heartbeat)
+        with http.stream(
+            "GET",
+            "/feed",
+            params={"task": "no-such-task", "slots": 1},
+            headers={**BEARER, "X-Worker-Id": "neighbour"},
+        ) as feed:
+            feed_status = feed.status_code
+    assert {r.status_code for r in reads} == {200}
+    assert all(r.json()["args"] is None for r in reads)
+    assert [b.status_code for b in beats] == [200] * 3
+    count_answer(figures, "anonymous heartbeat beside a session bearer", anonymous)
+    assert anonymous.status == 401, anonymous
+    assert feed_status == 200
+    sec_server.wait_state("open_feeds", 0)
     figures.assert_clean()
 
 
@@ -1461,7 +1508,8 @@ def test_fifty_unauthenticated_feed_opens_are_refused_before_streaming(
     for answer in answers:
         count_answer(figures, "unauthenticated feed", answer)
     statuses = [a.status for a in answers]
-    assert statuses == [401] * 30 + [429] * 20, statuses
+    # One refused credential (none) repeated counts once: never a 429 here.
+    assert statuses == [401] * 50, statuses
     seconds = sorted(a.seconds for a in answers)
     figures.extra["refusal_ms_p50"] = round(1000 * seconds[25], 1)
     figures.extra["refusal_ms_max"] = round(1000 * seconds[-1], 1)
@@ -1793,4 +1841,115 @@ def test_sse_framing_cannot_be_forged_through_arguments_or_results(
                 figures.rejected_cleanly += 1
             assert names == ["state", "end"], streamed
             assert sec_server.run(run_id)["result"] == value
+    figures.assert_clean()
+
+
+# -- loopback trust over a real server: proxies, rebinding, other sites ----------
+
+PROXY_HEADERS = {
+    "X-Forwarded-For": "198.51.100.7",
+    "Forwarded": "for=198.51.100.7",
+    "X-Real-IP": "198.51.100.7",
+    "CF-Connecting-IP": "198.51.100.7",
+    "True-Client-IP": "198.51.100.7",
+    "Via": "1.1 edge",
+    "X-Forwarded-Host": "app.example",
+    "X-Client-IP": "198.51.100.7",
+    "Fastly-Client-IP": "198.51.100.7",
+}
+
+
+def test_loopback_trust_refuses_proxied_and_rebound_requests(
+    open_server: SecServer, tally: Any
+) -> None:
+    figures = tally("auth")
+    run_id = open_server.submit("add", 1, 2)
+    heartbeat = {"worker_id": "w", "runs": []}
+    port = urlsplit(open_server.base).port
+    with open_server.client("127.0.0.7") as http:
+        assert http.get("/runs").status_code == 200  # a local client, named locally
+        answers = {}
+        for name, value in PROXY_HEADERS.items():
+            answers[f"list via {name}"] = refusal(http, "GET", "/runs", headers={name: value})
+            answers[f"heartbeat via {name}"] = refusal(
+                http, "POST", "/worker/heartbeat", json=heartbeat, headers={name: value}
+            )
+        # DNS rebinding: a page of rebound.example whose name now resolves
+        # to 127.0.0.1 reads with the page's own Host.
+        for host in (f"rebound.example:{port}", "rebound.example", f"127.0.0.1.nip.io:{port}"):
+            answers[f"list as {host}"] = refusal(http, "GET", "/runs", headers={"Host": host})
+            answers[f"history as {host}"] = refusal(
+                http, "GET", f"/runs/{run_id}/history", headers={"Host": host}
+            )
+    for name, answer in answers.items():
+        count_answer(figures, name, answer)
+        assert answer.status == 401, (name, answer)
+    if open_server.run(run_id)["state"] != "SCHEDULED":
+        figures.wrong("a refused request changed the run")
+    figures.assert_clean()
+
+
+def test_a_cross_site_form_or_fetch_cannot_cancel_or_submit(
+    open_server: SecServer, tally: Any
+) -> None:
+    figures = tally("auth")
+    run_id = open_server.submit("add", 1, 2)
+    evil = "http://evil.example"
+    attempts: dict[str, dict[str, Any]] = {
+        "form cancel": {
+            "url": f"/runs/{run_id}/cancel",
+            "headers": {
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Origin": evil,
+                "Sec-Fetch-Site": "cross-site",
+            },
+            "content": b"",
+        },
+        "form cancel, old browser": {
+            "url": f"/runs/{run_id}/cancel",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded", "Origin": evil},
+            "content": b"x=1",
+        },
+        "no-cors fetch cancel": {
+            "url": f"/runs/{run_id}/cancel",
+            "headers": {"Origin": evil, "Sec-Fetch-Site": "cross-site"},
+        },
+        "no-cors fetch cancel, old browser": {
+            "url": f"/runs/{run_id}/cancel",
+            "headers": {"Origin": evil},
+        },
+        "text/plain submit": {
+            "url": "/runs",
+            "headers": {"Content-Type": "text/plain", "Origin": evil},
+            "content": json.dumps({"task": "add", "args": [1, 2]}).encode(),
+        },
+        "untyped blob submit": {
+            "url": "/runs",
+            "headers": {"Origin": evil},
+            "content": json.dumps({"task": "add", "args": [1, 2]}).encode(),
+        },
+    }
+    with open_server.client("127.0.0.8") as http:
+        before = len(http.get("/runs", params={"limit": 500}).json()["runs"])
+        for name, attempt in attempts.items():
+            answer = refusal(
+                http,
+                "POST",
+                attempt["url"],
+                headers=attempt["headers"],
+                content=attempt.get("content"),
+            )
+            count_answer(figures, name, answer)
+            assert answer.status in (403, 415), (name, answer)
+        after = len(http.get("/runs", params={"limit": 500}).json()["runs"])
+        if open_server.run(run_id)["state"] != "SCHEDULED":
+            figures.wrong("a cross-site request cancelled the run")
+        # The app's own page (same origin) still cancels.
+        own = http.post(
+            f"/runs/{run_id}/cancel",
+            headers={"Origin": open_server.base, "Sec-Fetch-Site": "same-origin"},
+        )
+    if after != before:
+        figures.wrong("a cross-site submit stored a run")
+    assert own.status_code == 200, own.text
     figures.assert_clean()
