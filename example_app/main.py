@@ -17,6 +17,7 @@ from .tasks import bg, my_background_task, send_welcome_email
 
 app = FastAPI(title="fastapi_bgtasks example", lifespan=bg.lifespan)
 app.mount("/tasks", bg.app)
+bg.install(app)  # library errors in these routes answer as under /tasks (404, 503, ...)
 
 
 @app.get("/")
@@ -46,6 +47,8 @@ async def signup(body: Signup, submit: Submitter = Depends(bg.submitter)) -> dic
 
 @app.get("/users/signup-status/{task_run_id}")
 async def signup_status(task_run_id: uuid.UUID) -> dict[str, object]:
-    """What a frontend polls (it could also poll /tasks/runs/{id} directly)."""
+    """What a frontend polls (it could also poll /tasks/runs/{id} directly).
+    An unknown id is a 404 `run_not_found`, a database that cannot answer a
+    503 `store_unavailable`: `bg.install(app)` answers them."""
     run = await bg.read_run(task_run_id)
     return {"state": run.state.value, "result": run.result}
