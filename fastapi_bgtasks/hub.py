@@ -254,7 +254,7 @@ class BgTasks:
         if settings.token is None:
             log.warning(
                 "fastapi_bgtasks: no BGTASKS_TOKEN set; %s",
-                "worker routes serve local clients only. Set a token before exposing the app."
+                "worker routes serve loopback clients only. Set a token before exposing the app."
                 if settings.loopback_workers
                 else "and trust_loopback=False: worker routes refuse every client.",
             )
@@ -262,7 +262,11 @@ class BgTasks:
             log.warning(
                 "fastapi_bgtasks: no auth= dependency; operator routes (submit, list, "
                 "cancel) serve %s.",
-                "local clients" + (" and the worker token" if settings.token else "")
+                (
+                    "loopback clients and the worker token"
+                    if settings.token
+                    else "loopback clients only"
+                )
                 if settings.loopback_operators
                 else "the worker token only"
                 if settings.token

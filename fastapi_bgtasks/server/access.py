@@ -141,7 +141,7 @@ async def check_worker(request: Request, hub: Hub) -> None:
         return
     elif settings.loopback_workers:
         refusal = AccessDenied(
-            "No BGTASKS_TOKEN is configured, so worker routes serve local clients only."
+            "No BGTASKS_TOKEN is configured, so worker routes serve loopback clients only."
         )
     else:
         refusal = AccessDenied(
@@ -211,7 +211,7 @@ async def check_operator(request: Request, hub: Hub) -> BaseException | None:
         return None
     if settings.loopback_operators:
         return AccessDenied(
-            "No auth= dependency is configured, so operator routes serve local clients only."
+            "No auth= dependency is configured, so operator routes serve loopback clients only."
         )
     return AccessDenied(
         "Operator routes need the worker token (no auth= dependency is configured)."
