@@ -84,11 +84,9 @@ class Settings:
         )
         if heartbeat >= lease / 2:
             raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
-        if auth is not None and not callable(getattr(auth, "dependency", auth)):
-            raise ConfigurationError("auth= must be Depends(callable) or a callable")
         reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
         worker_token = _option("token", token, "BGTASKS_TOKEN")
-        workers, operators = _loopback_trust(trust_loopback, worker_token, auth)
+        workers, operators = _access(trust_loopback, worker_token, auth)
         return cls(
             database_url=_text("database_url", database_url)
             or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
@@ -116,12 +114,14 @@ class Settings:
         )
 
 
-def _loopback_trust(trust: Any, token: str | None, auth: Any) -> tuple[bool, bool]:
-    """Where a local client stands in for a credential: (worker routes,
-    operator routes). By default (None) only where no credential is
-    configured: worker routes without a token, operator routes without a
-    token and without `auth=`. True keeps it on operator routes when only a
-    token is set; False turns it off everywhere."""
+def _access(trust: Any, token: str | None, auth: Any) -> tuple[bool, bool]:
+    """Check `auth=`, then say where a local client stands in for a
+    credential: (worker routes, operator routes). By default (None) only
+    where no credential is configured: worker routes without a token,
+    operator routes without a token and without `auth=`. True keeps it on
+    operator routes when only a token is set; False turns it off everywhere."""
+    if auth is not None and not callable(getattr(auth, "dependency", auth)):
+        raise ConfigurationError("auth= must be Depends(callable) or a callable")
     if trust is not None and not isinstance(trust, bool):
         raise ConfigurationError(f"trust_loopback must be True, False or None, not {trust!r}")
     if trust is False:
