@@ -64,7 +64,7 @@ class BgTasks:
         max_streams: int = 1024,
         max_list_limit: int = 500,
         pool_size: int = 10,
-        trust_loopback: bool | None = None,
+        trust_loopback: bool = True,
         loopback_hosts: Iterable[str] = (),
     ) -> None:
         self.settings = Settings.build(

@@ -73,7 +73,7 @@ class Settings:
         max_streams: int = 1024,
         max_list_limit: int = 500,
         pool_size: int = 10,
-        trust_loopback: bool | None = None,
+        trust_loopback: bool = True,
         loopback_hosts: Iterable[str] = (),
     ) -> Settings:
         """Validate every option; a bad one raises `ConfigurationError` naming it."""
@@ -116,18 +116,16 @@ class Settings:
 
 def _access(trust: Any, token: str | None, auth: Any) -> tuple[bool, bool]:
     """Check `auth=`, then say where a local client stands in for a
-    credential: (worker routes, operator routes). By default (None) only
-    where no credential is configured: worker routes without a token,
-    operator routes without a token and without `auth=`. True keeps it on
-    operator routes when only a token is set; False turns it off everywhere."""
+    credential: (worker routes, operator routes). On (the default) only
+    where that group has no credential configured: worker routes without a
+    token, operator routes without `auth=`. False turns it off everywhere."""
     if auth is not None and not callable(getattr(auth, "dependency", auth)):
         raise ConfigurationError("auth= must be Depends(callable) or a callable")
-    if trust is not None and not isinstance(trust, bool):
-        raise ConfigurationError(f"trust_loopback must be True, False or None, not {trust!r}")
+    if not isinstance(trust, bool):
+        raise ConfigurationError(f"trust_loopback must be True or False, not {trust!r}")
     if trust is False:
         return False, False
-    operators = auth is None and (trust is True or token is None)
-    return token is None, operators
+    return token is None, auth is None
 
 
 def _hosts(value: Any) -> frozenset[str]:

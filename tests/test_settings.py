@@ -48,6 +48,7 @@ BAD_OPTIONS: list[tuple[str, Any, str]] = [
     ("pool_size", None, "pool_size"),
     ("trust_loopback", "yes", "trust_loopback"),
     ("trust_loopback", 1, "trust_loopback"),
+    ("trust_loopback", None, "trust_loopback"),
     ("loopback_hosts", "app.local", "loopback_hosts"),
     ("loopback_hosts", ["http://app.local"], "loopback_hosts"),
     ("loopback_hosts", ["app.local:8000"], "loopback_hosts"),
@@ -136,13 +137,13 @@ def test_a_heartbeat_defaults_to_a_quarter_of_the_lease() -> None:
     ("options", "workers", "operators"),
     [
         ({}, True, True),
-        ({"token": "t"}, False, False),
+        ({"token": "t"}, False, True),
         ({"auth": print}, True, False),
         ({"token": "t", "auth": print}, False, False),
-        ({"token": "t", "trust_loopback": True}, False, True),
+        ({"token": "t", "trust_loopback": False}, False, False),
         ({"trust_loopback": False}, False, False),
     ],
-    ids=["nothing", "token", "auth", "both", "token, trust on", "trust off"],
+    ids=["nothing", "token", "auth", "both", "token, trust off", "trust off"],
 )
 def test_local_clients_stand_in_only_for_a_credential_not_configured(
     options: dict[str, Any], workers: bool, operators: bool

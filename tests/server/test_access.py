@@ -495,16 +495,18 @@ async def test_trust_loopback_false_serves_no_local_client(db_url: str) -> None:
     assert_error(listing, 401)
 
 
-async def test_with_a_token_local_operators_need_it_unless_trust_loopback(db_url: str) -> None:
+async def test_with_only_a_token_local_operators_need_it_once_trust_loopback_is_off(
+    db_url: str,
+) -> None:
     body = {"task": "add", "args": [1, 2]}
     async with api(db_url, token=TOKEN) as (_, http):
+        trusted = await http.post("/tasks/runs", json=body)
+    async with api(db_url, token=TOKEN, trust_loopback=False) as (_, http):
         anonymous = await http.post("/tasks/runs", json=body)
         with_token = await http.post("/tasks/runs", json=body, headers=BEARER)
-    async with api(db_url, token=TOKEN, trust_loopback=True) as (_, http):
-        trusted = await http.post("/tasks/runs", json=body)
+    assert trusted.status_code == 202, trusted.text
     assert_error(anonymous, 401)
     assert with_token.status_code == 202, with_token.text
-    assert trusted.status_code == 202, trusted.text
 
 
 # -- no state change from another site ------------------------------------------
