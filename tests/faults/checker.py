@@ -4,6 +4,9 @@ history) and what the workers did (ledgers) into the figures we publish.
 
 `check(...)` writes artifacts/faults/<scenario>.json and returns the figures;
 the scenario then asserts lost, duplicate completions and overlaps are 0.
+`executions`, `overlapping_runs` and `split_frozen` work on ledger lines
+(possibly annotated: open executions closed at a `died` time, times rebased
+onto one clock) for figures beyond `check`'s.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def too_slow_sync() -> str:
 
 @bg.task
 async def sleep_async(seconds: float) -> float:
-    _ledger("start")
+    _ledger("start", seconds=seconds)
     try:
         await anyio.sleep(seconds)
     except BaseException:
@@ -123,7 +123,7 @@ async def sleep_async(seconds: float) -> float:
 
 @bg.task
 def sleep_sync(seconds: float) -> float:
-    _ledger("start")
+    _ledger("start", seconds=seconds)
     time.sleep(seconds)
     _ledger("end")
     return seconds
