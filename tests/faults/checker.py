@@ -4,6 +4,9 @@ history) and what the workers did (ledgers) into the figures we publish.
 
 `check(...)` writes artifacts/faults/<scenario>.json and returns the figures;
 the scenario then asserts lost, duplicate completions and overlaps are 0.
+`executions`, `overlapping_runs` and `split_frozen` work on ledger lines
+(possibly annotated: open executions closed at a `died` time, times rebased
+onto one clock) for figures beyond `check`'s.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import itertools
 import json
 import os
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +48,40 @@ def history(base: str, run_id: str) -> list[dict[str, Any]]:
     return list(response.json()["transitions"])
 
 
+def completions(base: str, run_ids: list[str], clients: int = 4) -> dict[str, int]:
+    """How many COMPLETED transitions each run's history holds, read over a
+    few keep-alive clients at once (a soak checks thousands of runs)."""
+    chunks = [run_ids[i::clients] for i in range(clients)]
+
+    def read(chunk: list[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with httpx.Client(base_url=f"{base}/tasks", timeout=30) as client:
+            for run_id in chunk:
+                response = client.get(f"/runs/{run_id}/history")
+                response.raise_for_status()
+                transitions = response.json()["transitions"]
+                counts[run_id] = sum(t["to_state"] == "COMPLETED" for t in transitions)
+        return counts
+
+    found: dict[str, int] = {}
+    with ThreadPoolExecutor(clients) as pool:
+        for counts in pool.map(read, [c for c in chunks if c]):
+            found.update(counts)
+    return found
+
+
 def read_ledgers(paths: list[Path]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for path in paths:
         if path.exists():
             entries += [json.loads(line) for line in path.read_text().splitlines() if line]
     return entries
+
+
+def write_ledger(path: Path, lines: list[dict[str, Any]]) -> Path:
+    """An annotated ledger (open executions closed, times rebased) for `check`."""
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
 
 
 def check(
@@ -68,13 +100,8 @@ def check(
         by_run[entry["run_id"]].append(entry)
 
     lost = [run_id for run_id in acked if runs.get(run_id, {}).get("state") not in TERMINAL]
-    completions = 0
-    duplicate_completions = 0
-    for run_id in acked:
-        if runs.get(run_id, {}).get("state") == "COMPLETED":
-            completions += 1
-            done = [t for t in history(base, run_id) if t["to_state"] == "COMPLETED"]
-            duplicate_completions += len(done) > 1
+    done = completions(base, [r for r in acked if runs.get(r, {}).get("state") == "COMPLETED"])
+    duplicate_completions = sum(count > 1 for count in done.values())
 
     overlaps = 0
     re_executions = 0
@@ -105,7 +132,7 @@ def check(
         "scenario": scenario,
         "submitted_acked": len(acked),
         "submitted_indeterminate": indeterminate,
-        "completed": completions,
+        "completed": len(done),
         "failed_terminal": dict(failures),
         "lost": len(lost),
         "lost_ids": lost[:20],
@@ -118,3 +145,67 @@ def check(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / f"{scenario}.json").write_text(json.dumps(figures, indent=2))
     return figures
+
+
+def executions(lines: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, Any]]]:
+    """Each run's executions as (start, end, pid). An execution is a `start`
+    line; it ends at the `end` or `cancelled` line of the same run, attempt
+    and pid, else at the start's `died` time (its process was killed), else
+    at its start."""
+    ends: dict[tuple[str, int, Any], list[float]] = defaultdict(list)
+    for e in lines:
+        if e["event"] != "start":
+            ends[(e["run_id"], e["attempt"], e["pid"])].append(e["t"])
+    found: dict[str, list[tuple[float, float, Any]]] = defaultdict(list)
+    for e in lines:
+        if e["event"] == "start":
+            closed = ends.get((e["run_id"], e["attempt"], e["pid"]))
+            end = min(closed) if closed else e.get("died", e["t"])
+            found[e["run_id"]].append((e["t"], end, e["pid"]))
+    return found
+
+
+def overlapping_runs(lines: list[dict[str, Any]]) -> dict[str, int]:
+    """For each run, the pairs of its executions whose intervals intersect,
+    over all pairs (`check` compares neighbours in start order)."""
+    found: dict[str, int] = {}
+    for run_id, spans in executions(lines).items():
+        pairs = sum(
+            s1 < e2 and s2 < e1 for (s1, e1, _), (s2, e2, _) in itertools.combinations(spans, 2)
+        )
+        if pairs:
+            found[run_id] = pairs
+    return found
+
+
+def count_overlaps(lines: list[dict[str, Any]]) -> int:
+    """Pairs of executions of one run whose intervals intersect (all pairs)."""
+    return sum(overlapping_runs(lines).values())
+
+
+def split_frozen(
+    lines: list[dict[str, Any]], pid: Any, stopped: float, resumed: float
+) -> list[dict[str, Any]]:
+    """A SIGSTOPped process executes nothing while frozen: model each of its
+    executions spanning the freeze as two, before and after it, so overlaps
+    count only time the process could act."""
+    ended_before = {
+        (e["run_id"], e["attempt"])
+        for e in lines
+        if e["pid"] == pid and e["event"] != "start" and e["t"] < stopped
+    }
+    out: list[dict[str, Any]] = []
+    for e in lines:
+        if e["pid"] != pid:
+            out.append(e)
+        elif e["event"] == "start" and e["t"] < stopped:
+            if (e["run_id"], e["attempt"]) in ended_before:
+                out.append(e)
+            else:
+                out.append({**e, "died": stopped})
+                out.append({**e, "pid": f"{pid}-resumed", "t": resumed})
+        elif e["t"] >= resumed:
+            out.append({**e, "pid": f"{pid}-resumed"})
+        else:
+            out.append(e)
+    return out

@@ -35,7 +35,14 @@ import httpx
 import pytest
 
 from tests import timing
-from tests.faults.checker import TERMINAL, check, read_ledgers
+from tests.faults.checker import (
+    TERMINAL,
+    check,
+    count_overlaps,
+    read_ledgers,
+    split_frozen,
+    write_ledger,
+)
 from tests.harness.procs import ROOT, Proc, child_env, start_app, start_worker
 
 LEASE = timing.LEASE_SECONDS
@@ -218,64 +225,6 @@ def close_open_starts(
             e = {**e, "died": min([*after, deaths.get(e["pid"], now)])}
         out.append(e)
     return out
-
-
-def split_frozen(
-    lines: list[dict[str, Any]], pid: int, stopped: float, resumed: float
-) -> list[dict[str, Any]]:
-    """A SIGSTOPped process executes nothing while frozen: model each of its
-    executions spanning the freeze as two, before and after it, so overlaps
-    count time the process could act."""
-    ended_before = {
-        (e["run_id"], e["attempt"])
-        for e in lines
-        if e["pid"] == pid and e["event"] != "start" and e["t"] < stopped
-    }
-    out: list[dict[str, Any]] = []
-    for e in lines:
-        if e["pid"] != pid:
-            out.append(e)
-        elif e["event"] == "start" and e["t"] < stopped:
-            if (e["run_id"], e["attempt"]) in ended_before:
-                out.append(e)
-            else:
-                out.append({**e, "died": stopped})
-                out.append({**e, "pid": f"{pid}-resumed", "t": resumed})
-        elif e["t"] >= resumed:
-            out.append({**e, "pid": f"{pid}-resumed"})
-        else:
-            out.append(e)
-    return out
-
-
-def count_overlaps(lines: list[dict[str, Any]]) -> int:
-    """Pairs of executions of one run whose intervals intersect, over all
-    pairs (the checker compares neighbours in start order)."""
-    by_run: dict[str, list[tuple[float, float]]] = {}
-    for e in lines:
-        if e["event"] != "start":
-            continue
-        ends = [
-            x["t"]
-            for x in lines
-            if x["run_id"] == e["run_id"]
-            and x["pid"] == e["pid"]
-            and x["attempt"] == e["attempt"]
-            and x["event"] != "start"
-        ]
-        end = min(ends) if ends else e.get("died", e["t"])
-        by_run.setdefault(e["run_id"], []).append((e["t"], end))
-    overlaps = 0
-    for intervals in by_run.values():
-        for i, (s1, e1) in enumerate(intervals):
-            for s2, e2 in intervals[i + 1 :]:
-                overlaps += s1 < e2 and s2 < e1
-    return overlaps
-
-
-def write_ledger(path: Path, lines: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def heartbeat_failures(*procs: Proc) -> int:

@@ -28,7 +28,9 @@ bg = BgTasks(
 
 
 def _ledger(event: str, **extra: object) -> None:
-    """Append one line per task event: survives a SIGKILL (one O_APPEND write)."""
+    """Append one line per task event: survives a SIGKILL (one O_APPEND write).
+    `t` is the wall clock, `t_mono` the machine's monotonic clock (the same
+    in every process, and not moved by clock steps)."""
     path = os.environ.get("BGTASKS_TEST_LEDGER")
     run = current_run()
     if not path or run is None:
@@ -40,6 +42,7 @@ def _ledger(event: str, **extra: object) -> None:
             "pid": os.getpid(),
             "event": event,
             "t": time.time(),
+            "t_mono": time.monotonic(),
             **extra,
         }
     )
@@ -108,15 +111,19 @@ def too_slow_sync() -> str:
 
 @bg.task
 async def sleep_async(seconds: float) -> float:
-    _ledger("start")
-    await anyio.sleep(seconds)
+    _ledger("start", seconds=seconds)
+    try:
+        await anyio.sleep(seconds)
+    except BaseException:
+        _ledger("cancelled")
+        raise
     _ledger("end")
     return seconds
 
 
 @bg.task
 def sleep_sync(seconds: float) -> float:
-    _ledger("start")
+    _ledger("start", seconds=seconds)
     time.sleep(seconds)
     _ledger("end")
     return seconds
