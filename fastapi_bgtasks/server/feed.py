@@ -137,6 +137,7 @@ def _hello_event(hub: ServerHub, worker_id: str) -> ServerSentEvent:
         max_body_bytes=settings.worker_body_bytes,
         max_result_bytes=settings.max_result_bytes,
         clock=time.monotonic(),
+        takes_rejected=True,
     )
     return ServerSentEvent(data=hello.model_dump_json(), event="hello")
 
@@ -207,11 +208,14 @@ async def _feed_stream(
     slots: int,
     shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The deliveries, and this feed counted open while they last."""
+    """The deliveries, and this feed (and the tasks it announced it serves)
+    counted open while they last."""
+    running.serving.opened(tasks)
     try:
         async for event in _deliveries(hub, running, worker_id, tasks, slots, shutdown):
             yield event
     finally:
+        running.serving.closed(tasks)
         left = running.open_feeds.get(worker_id, 1) - 1
         if left <= 0:
             running.open_feeds.pop(worker_id, None)

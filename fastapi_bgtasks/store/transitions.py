@@ -95,9 +95,14 @@ class Transitions:
             .scalar_subquery()
         )
         credit = sa.func.max(0, sa.bindparam("slots", type_=sa.Integer) - held)
+        # A waiting run keeps the id of the worker that rejected it (a
+        # REJECTED report): that worker is not offered it again.
+        not_rejected = runs.c.worker_id.is_distinct_from(sa.bindparam("worker"))
         branches = [
             sa.select(runs.c.id, runs.c.priority, runs.c.scheduled_at)
-            .where(moves(Event.CLAIM), runs.c.task == task, runs.c.scheduled_at <= now)
+            .where(
+                moves(Event.CLAIM), runs.c.task == task, runs.c.scheduled_at <= now, not_rejected
+            )
             .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
             .limit(credit)
             for task in tasks
