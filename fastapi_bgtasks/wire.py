@@ -215,6 +215,9 @@ class Report(_Wire):
     state: ReportState
     result: Any = None
     error: ErrorInfo | None = None
+    # On a REJECTED report: the fingerprint of the worker's signature of the
+    # task, so that no worker with the same signature is offered the run.
+    signature: str | None = Field(default=None, max_length=64)
 
 
 class ReportBatch(_Wire):

@@ -1,7 +1,9 @@
 """③ Which tasks the workers connected to this app process serve: each feed
-announces its task names when it opens. The run document says when a
-waiting run's task has no such worker, and the reaper's pass logs a warning
-once per task whose due runs wait with none.
+announces its task names (and a fingerprint of each signature) when it
+opens. The run document says when a waiting run's task has no such worker,
+the reaper's pass logs a warning once per task whose due runs wait with
+none, and a worker whose signature of a task differs from the app's is
+logged once.
 
 Only feeds open in this process are known: with several app processes, a
 worker connected to another one is not counted here.
@@ -11,7 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..tasks import Task
 
 __all__ = ["Serving"]
 
@@ -24,6 +30,9 @@ class Serving:
     def __init__(self) -> None:
         self._feeds: Counter[str] = Counter()
         self._warned: set[str] = set()
+        self._signatures_warned: set[tuple[str, str]] = set()
+        # The fingerprints each worker announced, by task name: the claim's keys.
+        self.keys: dict[str, dict[str, str]] = {}
 
     def opened(self, tasks: Iterable[str]) -> None:
         for name in tasks:
@@ -65,3 +74,34 @@ class Serving:
             seconds,
             task,
         )
+
+    def compare(
+        self, worker_id: str, signatures: Iterable[str], tasks: Mapping[str, Task[Any, Any]]
+    ) -> None:
+        """A worker announced `name:fingerprint` per task: kept as its keys
+        (until its feeds close), and a warning once per task and fingerprint
+        that differs from this app's (a worker of another version). A worker
+        that announces none is taken to match."""
+        keys: dict[str, str] = {}
+        for announced in signatures:
+            name, _, fingerprint = announced[:300].rpartition(":")
+            if name and fingerprint:
+                keys[name] = fingerprint[:64]
+            task = tasks.get(name)
+            if task is None or fingerprint == task.codec.fingerprint:
+                continue
+            seen = (name, fingerprint) in self._signatures_warned
+            if seen or len(self._signatures_warned) > 1000:  # bounded: workers choose them
+                continue
+            self._signatures_warned.add((name, fingerprint))
+            log.warning(
+                "Worker %s serves task %r with a signature other than this app's "
+                "(%r, here %r): runs whose arguments it cannot take are handed back "
+                "to other workers",
+                worker_id,
+                name,
+                fingerprint[:64],
+                task.codec.fingerprint,
+            )
+        if keys:
+            self.keys[worker_id] = keys

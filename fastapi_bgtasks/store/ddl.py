@@ -284,14 +284,17 @@ _V2_SQLITE = [
     _DUE_INDEX,
 ]
 
-# -- version 3: a run a worker rejected (it does not serve the task, or the
-# arguments do not fit its signature) waits with that worker's id, and the
-# claim on PostgreSQL skips it for that worker, as SQLite's claim (built in
-# store/transitions.py) does. The same function otherwise.
+# -- version 3: version skew. A run a worker rejected (it does not serve the
+# task, or the arguments do not fit its signature) waits with `rejected_by`:
+# the fingerprint of that worker's signature of the task, or its id. The
+# claim skips it for every worker that would reject it the same way. On
+# PostgreSQL a second bgtasks_claim takes each served task's key beside its
+# name; the first stays, unchanged, for app processes of the version before.
 
 _PG_CLAIM_FUNCTION_V3 = """
 CREATE OR REPLACE FUNCTION bgtasks_claim(
-    p_worker text, p_tasks text[], p_slots integer, p_lease double precision, p_token text
+    p_worker text, p_tasks text[], p_keys text[], p_slots integer,
+    p_lease double precision, p_token text
 ) RETURNS SETOF bgtasks_runs AS $$
 DECLARE
     credit integer;
@@ -302,18 +305,18 @@ BEGIN
     IF credit <= 0 THEN
         RETURN;
     END IF;
-    -- As in version 2; a waiting run whose worker_id is this worker's was
-    -- rejected by it, and is left to other workers.
+    -- As in version 2, but a run is skipped by the workers whose key for
+    -- its task (p_keys, beside p_tasks) is the one that rejected it.
     RETURN QUERY
     UPDATE bgtasks_runs SET
         state = 'PENDING', attempt = attempt + 1, worker_id = p_worker,
         lease_token = p_token, lease_expires_at = now() + make_interval(secs => p_lease),
         updated_at = now(), reason = NULL
     WHERE id = ANY(ARRAY(
-        SELECT due.id FROM unnest(p_tasks) AS served(name) CROSS JOIN LATERAL (
+        SELECT due.id FROM unnest(p_tasks, p_keys) AS served(name, key) CROSS JOIN LATERAL (
             SELECT id, priority, scheduled_at FROM bgtasks_runs
             WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
-                AND worker_id IS DISTINCT FROM p_worker
+                AND rejected_by IS DISTINCT FROM served.key
             ORDER BY priority DESC, scheduled_at
             LIMIT credit
             FOR UPDATE SKIP LOCKED) AS due
@@ -324,8 +327,10 @@ END
 $$ LANGUAGE plpgsql
 """
 
-_V3_POSTGRESQL = [_PG_CLAIM_FUNCTION_V3]
-_V3_SQLITE: list[str] = []
+_REJECTED_BY = "ALTER TABLE bgtasks_runs ADD COLUMN rejected_by VARCHAR(200)"
+
+_V3_POSTGRESQL = [_REJECTED_BY, _PG_CLAIM_FUNCTION_V3]
+_V3_SQLITE = [_REJECTED_BY]
 
 # MIGRATIONS[n - 1][dialect]: the statements that take a database from
 # version n - 1 to n.

@@ -231,9 +231,10 @@ class Reports:
         self, conn: AsyncConnection, report: Report, mine: Any, error: dict[str, Any] | None
     ) -> dict[str, Any] | None:
         """A run its worker cannot accept goes back to the queue without
-        spending a retry, kept away from that worker (its `worker_id` stays,
-        and the claim skips runs a worker rejected); after MAX_REJECTIONS it
-        ends FAILED with the worker's error. None when not this lease's."""
+        spending a retry, kept away from the workers that would reject it
+        the same way (`rejected_by`, which the claim reads); after
+        MAX_REJECTIONS it ends FAILED with the worker's error. None when not
+        this lease's."""
         asked = await conn.scalar(
             sa.select(runs.c.cancel_requested).where(mine, moves(Event.REJECTED))
         )
@@ -242,7 +243,10 @@ class Reports:
         error = error or _refusal("IncompatibleArguments", "A worker could not accept this run.")
         reason = f"rejected: {error['type']}"[:200]
         now = self._db.now()
-        common = {"attempt": runs.c.attempt - 1, "lease_expires_at": None, "updated_at": now}
+        # Workers with the same signature of the task (else this worker) skip it.
+        rejected_by = sa.literal(report.signature) if report.signature else runs.c.worker_id
+        common = {"attempt": runs.c.attempt - 1, "lease_expires_at": None, "updated_at": now,
+                  "rejected_by": rejected_by}  # fmt: skip
         if asked:  # someone asked to stop it: it never starts
             return {**common, "state": S.CANCELLED.value, "finished_at": now, "reason": "cancelled"}
         earlier = await conn.scalar(
@@ -265,6 +269,7 @@ class Reports:
         # pass it around without pause.
         delay = 0.0 if rejections == 1 else min(2.0 ** (rejections - 2), 60.0)
         return {**common, "state": S.SCHEDULED.value, "error": error, "reason": reason,
+                "worker_id": None,
                 "scheduled_at": self._db.after(delay) if delay else now}  # fmt: skip
 
 

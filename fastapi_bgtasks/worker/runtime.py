@@ -156,11 +156,12 @@ class Worker:
             min(0.1, self.config.max_reconnect_seconds), self.config.max_reconnect_seconds
         )
         names = sorted(self.tasks)
+        signatures = [f"{name}:{self.tasks[name].codec.fingerprint}" for name in names]
         while not self._draining.is_set():
             # Before asking: see FeedTerms.from_hello.
             asked_at = time.monotonic()
             try:
-                async for kind, payload in self.client.feed(names, self.config.slots):
+                async for kind, payload in self.client.feed(names, self.config.slots, signatures):
                     if kind == "hello":
                         self.on_hello(payload, asked_at=asked_at)
                         backoff.reset()
@@ -260,6 +261,9 @@ class Worker:
         message = f"Worker {self.worker_id}: {error.message}"[:10_000]
         error = error.model_copy(update={"message": message})
         report = make_report(delivery, ReportKind.REJECTED, error=error)
+        task = self.tasks.get(delivery.task)
+        if task is not None:  # every worker with this signature will skip it
+            report.signature = task.codec.fingerprint
         self.reporter.queue.enqueue(report, urgent=True)
 
     def _leased_locally(self, delivery: Delivery) -> float | None:

@@ -221,14 +221,18 @@ def _without_error_text(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _without_later_additions(spec: dict[str, Any]) -> dict[str, Any]:
     """The schema without what was added since the re-layout, on purpose:
-    the REJECTED report, and the run document's `reason` and `waiting_for`."""
+    the REJECTED report and its `signature`, the run document's `reason` and
+    `waiting_for`, and the feed's `signature` parameter."""
     spec = json.loads(json.dumps(spec))
     schemas = spec["components"]["schemas"]
     report = schemas["Report"]
     report.pop("description", None)
     report["properties"]["state"]["enum"].remove("REJECTED")
+    report["properties"].pop("signature")
     for name in ("reason", "waiting_for"):
         schemas["RunDocument"]["properties"].pop(name)
+    feed = spec["paths"]["/feed"]["get"]
+    feed["parameters"] = [p for p in feed["parameters"] if p["name"] != "signature"]
     return spec
 
 

@@ -105,8 +105,10 @@ def test_runs_an_old_worker_cannot_accept_wait_for_a_new_one_without_spending_a_
 def test_a_mixed_fleet_completes_every_run_of_a_changed_task(
     db_url: str, tmp_path: Path, app: tuple[Proc, str], workers: list[Proc]
 ) -> None:
-    """Old and new workers on one queue, as in a rolling deploy: none fails."""
-    _, base = app
+    """Old and new workers on one queue, as in a rolling deploy: none fails,
+    no run is rejected twice by workers of one signature, and the app names
+    the old signature once, however many workers have it."""
+    proc, base = app
     for name, modules in (("old", OLD), ("new", NEW), ("old2", OLD)):
         workers.append(start_worker(f"{base}/tasks", db_url, tmp_path, modules=modules, name=name))
     ids = [submit(base, "resize", width=i, height=2) for i in range(40)]
@@ -120,6 +122,10 @@ def test_a_mixed_fleet_completes_every_run_of_a_changed_task(
     assert all(d["result"].startswith("new:") for d in docs)
     old_logs = workers[0].output() + workers[2].output()
     assert "Finished in state" not in old_logs  # no old worker ran one
+    # Rejected once by the old signature, the run is offered to neither old worker again.
+    assert max(rejections(base, run_id) for run_id in ids) <= 1
+    other = r"serves task 'resize' with a signature other than this app's"
+    assert len(re.findall(other, proc.output())) == 1
 
 
 def test_a_task_no_connected_worker_serves_is_named_on_its_runs_and_in_the_log(

@@ -50,7 +50,8 @@ async def test_a_rejected_run_waits_again_without_spending_a_retry_and_says_why(
     assert stored["attempt"] == 0  # it never ran
     assert stored["reason"] == "rejected: IncompatibleArguments"
     assert stored["error"]["type"] == "IncompatibleArguments"
-    assert stored["worker_id"] == "old"
+    assert stored["worker_id"] is None
+    assert stored["rejected_by"] == "old"  # it announced no signature: its id
     history = await store.run_history(row["id"])
     assert [(h["from_state"], h["to_state"], h["reason"]) for h in history][-1] == (
         "PENDING",
@@ -74,6 +75,28 @@ async def test_the_worker_that_rejected_a_run_is_not_offered_it_again_and_anothe
     assert await apply(store, report(again, "COMPLETED", result=1)) == ["accepted"]
     done = await fetch(store, row["id"])
     assert done["state"] == "COMPLETED" and done["attempt"] == 1 and done["reason"] is None
+
+
+async def test_no_worker_with_the_signature_that_rejected_a_run_is_offered_it_again(
+    store: Store,
+) -> None:
+    """All the old workers of a rolling deploy skip it, not only the first."""
+    row = await submit_run(store, TASK)
+    [delivery] = await store.claim(
+        worker_id="old-1", tasks=[TASK], slots=5, lease_seconds=60, keys={TASK: "v1"}
+    )
+    rejected = report(delivery, "REJECTED", error=misfit("old-1"), signature="v1")
+    assert await apply(store, rejected) == ["accepted"]
+    assert (await fetch(store, row["id"]))["rejected_by"] == "v1"
+    for worker in ("old-1", "old-2", "old-3"):
+        assert await store.claim(
+            worker_id=worker, tasks=[TASK, "other"], slots=5, lease_seconds=60,
+            keys={TASK: "v1", "other": "x"},
+        ) == []  # fmt: skip
+    [again] = await store.claim(
+        worker_id="new-1", tasks=[TASK], slots=5, lease_seconds=60, keys={TASK: "v2"}
+    )
+    assert again["id"] == row["id"]
 
 
 async def test_a_run_rejected_max_rejections_times_ends_failed_with_the_workers_error(
