@@ -120,7 +120,7 @@ EDGES: tuple[Edge, ...] = (
     Edge(Event.REJECTED, frozenset({S.PENDING}), S.FAILED, "same lease, rejections spent",
          "the worker's UnknownTask or IncompatibleArguments error stored, finished now"),
     Edge(Event.REJECTED, frozenset({S.PENDING}), S.SCHEDULED, "same lease, otherwise",
-         "attempt - 1, reason 'rejected: <error type>', kept away from that worker, "
+         "attempt - 1, reason 'rejected: <error type>', kept from workers of that signature, "
          "due after a back-off from the second rejection on"),
     Edge(Event.REAP, _LEASED, S.CANCELLED, "lease expired, cancel asked", "finished now"),
     Edge(Event.REAP, _LEASED, S.CRASHED, "lease expired, rescues spent",
