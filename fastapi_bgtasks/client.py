@@ -107,9 +107,12 @@ class ApiClient:
 
     # -- a worker's routes -------------------------------------------------
 
-    async def feed(self, tasks: list[str], slots: int) -> AsyncIterator[FeedEvent]:
+    async def feed(
+        self, tasks: list[str], slots: int, signatures: list[str] | None = None
+    ) -> AsyncIterator[FeedEvent]:
         """The feed's events until the app says bye. Raises AccessDenied
-        (do not retry), another BgTasksError or ValueError (retry)."""
+        (do not retry), another BgTasksError or ValueError (retry).
+        `signatures`: `name:fingerprint` of each task, for the app to compare."""
         # The server pings every 5 s: 20 s of silence means a dead link.
         timeout = httpx.Timeout(10.0, read=20.0)
         try:
@@ -117,7 +120,7 @@ class ApiClient:
                 self.http,
                 "GET",
                 f"{self.url}/feed",
-                params={"task": tasks, "slots": slots},
+                params={"task": tasks, "slots": slots, "signature": signatures or []},
                 timeout=timeout,
             ) as source:
                 response = source.response

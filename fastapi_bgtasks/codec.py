@@ -6,6 +6,8 @@ JSON becomes typed values before the call; results go the other way.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
 import json
 import typing
@@ -52,6 +54,17 @@ class Codec:
             raise ConfigurationError(
                 f"Task {name!r}: its return type cannot be carried as JSON ({exc})."
             ) from exc
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the parameters as they are validated: the same in
+        every process that has the same signature. Workers announce it with
+        the task's name, and the app warns of a worker whose differs."""
+        try:
+            text = json.dumps(self._args_model.model_json_schema(), sort_keys=True)
+        except Exception:  # a type with no JSON schema: its spelling will do
+            text = str(self.signature.replace(return_annotation=inspect.Signature.empty))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def dump_arguments(
         self, args: Sequence[Any], kwargs: dict[str, Any], *, max_bytes: int

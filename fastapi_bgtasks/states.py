@@ -13,6 +13,7 @@ from dataclasses import dataclass
 __all__ = [
     "ACTIVE_STATES",
     "EDGES",
+    "MAX_REJECTIONS",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "Edge",
@@ -50,13 +51,16 @@ ACTIVE_STATES = frozenset({RunState.PENDING, RunState.RUNNING})
 
 
 class ReportKind(enum.StrEnum):
-    """What a worker says of one run. RELEASED hands back a run it will not finish."""
+    """What a worker says of one run. RELEASED hands back a run it will not
+    finish; REJECTED one it cannot accept (a task it does not serve, or
+    arguments that do not fit its signature of the task), never started."""
 
     RUNNING = "RUNNING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     RELEASED = "RELEASED"
+    REJECTED = "REJECTED"
 
 
 class Event(enum.StrEnum):
@@ -73,6 +77,7 @@ class Event(enum.StrEnum):
     FAILED = ReportKind.FAILED.value
     CANCELLED = ReportKind.CANCELLED.value
     RELEASED = ReportKind.RELEASED.value
+    REJECTED = ReportKind.REJECTED.value
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,25 @@ EDGES: tuple[Edge, ...] = (
     Edge(Event.RELEASED, _LEASED, S.CANCELLED, "same lease, cancel asked", "finished now"),
     Edge(Event.RELEASED, _LEASED, S.SCHEDULED, "same lease, otherwise",
          "a rescue spent if it ran (else the attempt given back)"),
+    Edge(Event.REJECTED, frozenset({S.PENDING}), S.CANCELLED, "same lease, cancel asked",
+         "finished now"),
+    Edge(Event.REJECTED, frozenset({S.PENDING}), S.FAILED, "same lease, rejections spent",
+         "the worker's UnknownTask or IncompatibleArguments error stored, finished now"),
+    Edge(Event.REJECTED, frozenset({S.PENDING}), S.SCHEDULED, "same lease, otherwise",
+         "attempt - 1, reason 'rejected: <error type>', kept from workers of that signature, "
+         "due after a back-off from the second rejection on"),
     Edge(Event.REAP, _LEASED, S.CANCELLED, "lease expired, cancel asked", "finished now"),
     Edge(Event.REAP, _LEASED, S.CRASHED, "lease expired, rescues spent",
          "WorkerLost error, finished now"),
     Edge(Event.REAP, _LEASED, S.SCHEDULED, "lease expired, otherwise",
          "a rescue spent, due now"),
 )  # fmt: skip
+
+
+# How many times workers may reject one run (REJECTED reports: an unknown
+# task, arguments that do not fit) before it ends FAILED with the last
+# worker's error. A rejection spends no retry and no rescue.
+MAX_REJECTIONS = 10
 
 
 def sources_of(event: Event) -> frozenset[RunState]:
@@ -127,15 +145,15 @@ def targets_of(event: Event) -> frozenset[RunState]:
     return frozenset(e.target for e in EDGES if e.event == event)
 
 
-# A RUNNING report that arrives after its own lease already settled the run
-# (the start report was late): nothing is wrong, nothing to do.
-_SETTLED_BY_THE_SAME_LEASE = {ReportKind.RUNNING: frozenset({S.COMPLETED, S.FAILED})}
-
-
 def repeats_of(kind: ReportKind) -> frozenset[RunState]:
     """States in which a report of `kind` under the run's own lease changes
-    nothing because it already happened: a `duplicate`, not `stale`."""
-    return targets_of(Event(kind.value)) | _SETTLED_BY_THE_SAME_LEASE.get(kind, frozenset())
+    nothing because it already happened: a `duplicate`, not `stale`.
+
+    A worker reads `duplicate` to a RUNNING report as leave to start the
+    run, so a RUNNING report repeats only RUNNING: on a run its lease has
+    already settled (a re-sent delivery of a run just finished) it is
+    `stale`, and the run is not started again."""
+    return targets_of(Event(kind.value))
 
 
 # Every edge a run may take, named after what makes it (docs/architecture.md).
@@ -149,7 +167,7 @@ class Outcome(enum.StrEnum):
 
     ACCEPTED = "accepted"  # applied
     DUPLICATE = "duplicate"  # identical to what is stored: nothing to do
-    STALE = "stale"  # the lease is gone: stop the run, drop its result
+    STALE = "stale"  # the lease is gone, or settled the run: do not run it, drop its result
     UNKNOWN = "unknown"  # no run has that id
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ __all__ = [
     "clean_text",
     "document_from_row",
     "format_time",
+    "redact_inputs",
     "stored_json",
     "stored_size",
 ]
@@ -93,6 +95,12 @@ class RunDocument(BaseModel):
     result: Any = None
     error: ErrorInfo | None = None
     worker_id: str | None = None
+    # Why the run is where it is: the reason of its last state change
+    # ("rejected: IncompatibleArguments", "retry: ValueError", "handed_back", ...).
+    reason: str | None = None
+    # For a waiting run that no worker connected to this app process serves:
+    # a sentence saying so (the run waits until one connects).
+    waiting_for: str | None = None
 
     @field_serializer("created_at", "scheduled_at", "started_at", "finished_at")
     def _times(self, value: datetime | None) -> str | None:
@@ -170,6 +178,10 @@ class Hello(BaseModel):
     # The app process's monotonic clock when it wrote this hello; deliveries
     # on the same feed are stamped by the same clock (see Delivery.leased_at).
     clock: float | None = None
+    # The app takes REJECTED reports (a run this worker cannot accept, handed
+    # back without spending a retry); an older app does not, and such a run
+    # is reported FAILED as before.
+    takes_rejected: bool = False
 
 
 class Delivery(BaseModel):
@@ -191,17 +203,21 @@ class Delivery(BaseModel):
     leased_at: float | None = None
 
 
-ReportState = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "RELEASED"]
+ReportState = Literal["RUNNING", "COMPLETED", "FAILED", "CANCELLED", "RELEASED", "REJECTED"]
 
 
 class Report(_Wire):
-    """A worker's word on one run. RELEASED hands back a run it will not finish."""
+    """A worker's word on one run. RELEASED hands back a run it will not
+    finish; REJECTED one it cannot accept (with the reason as `error`)."""
 
     run_id: uuid.UUID
     lease_token: str = Field(max_length=64)
     state: ReportState
     result: Any = None
     error: ErrorInfo | None = None
+    # On a REJECTED report: the fingerprint of the worker's signature of the
+    # task, so that no worker with the same signature is offered the run.
+    signature: str | None = Field(default=None, max_length=64)
 
 
 class ReportBatch(_Wire):
@@ -258,6 +274,7 @@ def document_from_row(row: Mapping[str, Any], *, full: bool = True) -> RunDocume
         result=row.get("result"),
         error=error_info,
         worker_id=row.get("worker_id"),
+        reason=row.get("reason"),
     )
 
 
@@ -306,3 +323,15 @@ def stored_size(value: Any) -> int | None:
 def clean_text(value: object) -> str:
     """Valid UTF-8 text whatever the value held (a lone surrogate, say)."""
     return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+_INPUT_VALUE = re.compile(r"input_value=.*?, input_type=(?=[^,\]]*\]$)", re.MULTILINE)
+
+
+def redact_inputs(message: str) -> str:
+    """pydantic's text of a validation error without the offending values
+    (`input_value=...`), which may hold a run's arguments: for messages
+    written by workers that do not leave them out themselves."""
+    if "input_value=" not in message:
+        return message
+    return _INPUT_VALUE.sub("input_type=", message)

@@ -7,6 +7,7 @@ dependencies (`Hub`, `Live`), never through `BgTasks` itself.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
@@ -14,6 +15,7 @@ import anyio
 from fastapi import Depends, Request
 
 from ..errors import StoreUnavailable
+from .serving import Serving
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -35,6 +37,8 @@ class Running:
     closing: anyio.Event = field(default_factory=anyio.Event)
     open_feeds: dict[str, int] = field(default_factory=dict)
     open_streams: int = 0
+    # The tasks the feeds open in this process serve.
+    serving: Serving = field(default_factory=Serving)
 
 
 class ServerHub(Protocol):
@@ -48,6 +52,9 @@ class ServerHub(Protocol):
 
     @property
     def auth_throttle(self) -> FailureThrottle: ...
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any, Any]]: ...
 
     def get_task(self, name: str) -> Task[Any, Any]: ...
 

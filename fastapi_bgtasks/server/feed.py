@@ -73,8 +73,7 @@ async def _deliveries(
     slots: int,
     shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
-    store = running.store
-    wakeups = running.wakeups
+    store, wakeups = running.store, running.wakeups
     wakeups.lost_workers.discard(worker_id)  # it is back: serve it again
     yield _hello_event(hub, worker_id)
     deadline = time.monotonic() + hub.settings.feed_max_seconds
@@ -98,6 +97,7 @@ async def _deliveries(
                     tasks=tasks,
                     slots=slots,
                     lease_seconds=hub.settings.lease_seconds,
+                    keys=running.serving.keys.get(worker_id),
                 )
                 if unsent and worker_id in wakeups.lost_workers:
                     # Reaped meanwhile: hand back what this claim took, now.
@@ -137,6 +137,7 @@ def _hello_event(hub: ServerHub, worker_id: str) -> ServerSentEvent:
         max_body_bytes=settings.worker_body_bytes,
         max_result_bytes=settings.max_result_bytes,
         clock=time.monotonic(),
+        takes_rejected=True,
     )
     return ServerSentEvent(data=hello.model_dump_json(), event="hello")
 
@@ -177,6 +178,7 @@ async def feed(
     task: list[str] = Query(min_length=1, max_length=1000),
     slots: int = Query(ge=1, le=10000),
     worker_id: str = Header(alias="X-Worker-Id", min_length=1, max_length=200),
+    signature: list[str] = Query(default=[], max_length=1000),
 ) -> EventSourceResponse:
     if not worker_id.isprintable():
         raise InvalidName("X-Worker-Id must be printable text.")
@@ -188,6 +190,9 @@ async def feed(
         raise RateLimited(
             "Too many feeds are open (max_feeds, or 2 per worker id); try again shortly."
         )
+    # name:fingerprint per task (none from older workers): logged if it
+    # differs from this app's; runs rejected by that signature are skipped.
+    running.serving.compare(worker_id, signature, hub.tasks)
     shutdown = anyio.Event()
     running.open_feeds[worker_id] = running.open_feeds.get(worker_id, 0) + 1
     return EventSourceResponse(
@@ -207,14 +212,18 @@ async def _feed_stream(
     slots: int,
     shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The deliveries, and this feed counted open while they last."""
+    """The deliveries, and this feed (and the tasks it announced it serves)
+    counted open while they last."""
+    running.serving.opened(tasks)
     try:
         async for event in _deliveries(hub, running, worker_id, tasks, slots, shutdown):
             yield event
     finally:
+        running.serving.closed(tasks)
         left = running.open_feeds.get(worker_id, 1) - 1
         if left <= 0:
             running.open_feeds.pop(worker_id, None)
             running.wakeups.forget_worker(worker_id)
+            running.serving.keys.pop(worker_id, None)
         else:
             running.open_feeds[worker_id] = left

@@ -48,6 +48,7 @@ async def _reaper(hub: ServerHub, running: Running) -> None:
             # A service must outlive any one failure: ending here would end
             # the lifespan and leave every route answering 503.
             log.exception("Reaper pass failed; retrying")
+        await _unserved(hub, running)
         if reaped:
             for run_id, state, worker_id in reaped:
                 log.warning(
@@ -58,6 +59,21 @@ async def _reaper(hub: ServerHub, running: Running) -> None:
             running.wakeups.runs_added(ANY_TASK)
             running.wakeups.run_changed()
         await anyio.sleep(hub.settings.reaper_seconds)
+
+
+async def _unserved(hub: ServerHub, running: Running) -> None:
+    """Warn once per task whose runs have waited longer than a lease while
+    no worker connected here serves it."""
+    tasks = running.serving.unserved(hub.tasks)
+    if not tasks:
+        return
+    seconds = hub.settings.lease_seconds
+    try:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            for task in await running.store.overdue(tasks, seconds):
+                running.serving.warn(task, seconds)
+    except Exception as exc:  # a hint only: never the reaper's end
+        log.warning("Could not check for unserved tasks: %s", exc)
 
 
 def _mark_lost(running: Running, workers: set[str]) -> None:

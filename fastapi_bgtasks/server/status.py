@@ -57,7 +57,10 @@ async def _load(store: Store, run_id: uuid.UUID, full: bool) -> RunDocument:
 
 
 async def get_run(run_id: uuid.UUID, denied: OperatorVerdict, running: Live) -> RunDocument:
-    return await _load(running.store, run_id, full=denied is None)
+    document = await _load(running.store, run_id, full=denied is None)
+    if document.state is RunState.SCHEDULED:
+        document.waiting_for = running.serving.waiting_for(document.task)
+    return document
 
 
 async def list_runs(

@@ -110,3 +110,19 @@ class Reads:
         if isinstance(value, str):  # defensive: SQLite text timestamps
             value = datetime.fromisoformat(value)
         return utc(value)
+
+    async def overdue(self, tasks: Sequence[str], seconds: float) -> list[str]:
+        """Those of `tasks` with a run that has been due for over `seconds`
+        and still waits (each an index probe of the task's waiting runs)."""
+        found: list[str] = []
+        cutoff = self._db.after(-seconds)
+        async with self._db.read() as conn:
+            for task in tasks:
+                probe = (
+                    sa.select(runs.c.id)
+                    .where(SCHEDULED, runs.c.task == task, runs.c.scheduled_at < cutoff)
+                    .limit(1)
+                )
+                if await conn.scalar(probe) is not None:
+                    found.append(task)
+        return found

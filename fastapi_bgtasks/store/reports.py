@@ -16,10 +16,18 @@ from typing import Any, TypedDict
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..states import Event, Outcome, ReportKind, RunState, repeats_of, sources_of
-from ..wire import Report, clean_text, stored_json, stored_size
+from ..states import (
+    MAX_REJECTIONS,
+    Event,
+    Outcome,
+    ReportKind,
+    RunState,
+    repeats_of,
+    sources_of,
+)
+from ..wire import Report, clean_text, redact_inputs, stored_json, stored_size
 from .dialect import Database
-from .schema import moves, runs
+from .schema import history, moves, runs
 from .sql import REPORT_COMPLETED, REPORT_RUNNING
 
 __all__ = ["Applied", "Reports"]
@@ -146,8 +154,11 @@ class Reports:
         """One report, one compare-and-set statement."""
         mine = sa.and_(runs.c.id == report.run_id, runs.c.lease_token == report.lease_token)
         kind, result, error = _settle(report, max_result_bytes)
-        if kind is ReportKind.FAILED:
-            values = await self._failure(conn, mine, error)
+        if kind in (ReportKind.FAILED, ReportKind.REJECTED):
+            if kind is ReportKind.FAILED:
+                values = await self._failure(conn, mine, error)
+            else:
+                values = await self._rejection(conn, report, mine, error)
             if values is None:
                 return await _classify(conn, report, result), None
         else:
@@ -216,6 +227,51 @@ class Reports:
                 "started_at": sa.func.coalesce(runs.c.started_at, now), "finished_at": now,
                 "lease_expires_at": None, "updated_at": now, "reason": "failed"}  # fmt: skip
 
+    async def _rejection(
+        self, conn: AsyncConnection, report: Report, mine: Any, error: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """A run its worker cannot accept goes back to the queue without
+        spending a retry, kept away from the workers that would reject it
+        the same way (`rejected_by`, which the claim reads); after
+        MAX_REJECTIONS it ends FAILED with the worker's error. None when not
+        this lease's."""
+        asked = await conn.scalar(
+            sa.select(runs.c.cancel_requested).where(mine, moves(Event.REJECTED))
+        )
+        if asked is None:
+            return None
+        error = error or _refusal("IncompatibleArguments", "A worker could not accept this run.")
+        reason = f"rejected: {error['type']}"[:200]
+        now = self._db.now()
+        # Workers with the same signature of the task (else this worker) skip it.
+        rejected_by = sa.literal(report.signature) if report.signature else runs.c.worker_id
+        common = {"attempt": runs.c.attempt - 1, "lease_expires_at": None, "updated_at": now,
+                  "rejected_by": rejected_by}  # fmt: skip
+        if asked:  # someone asked to stop it: it never starts
+            return {**common, "state": S.CANCELLED.value, "finished_at": now, "reason": "cancelled"}
+        earlier = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(history)
+            .where(
+                history.c.run_id == report.run_id,
+                history.c.to_state == S.SCHEDULED.value,
+                history.c.reason.like("rejected: %"),
+            )
+        )
+        rejections = int(earlier or 0) + 1
+        if rejections >= MAX_REJECTIONS:
+            note = f" Rejected by workers {rejections} times; not offered again."
+            error = {**error, "message": (error["message"] + note)[-20_000:]}
+            return {**common, "state": S.FAILED.value, "error": error, "finished_at": now,
+                    "reason": reason}  # fmt: skip
+        # Offered again at once (to another worker); from the second
+        # rejection on after a back-off, so workers that all refuse it do not
+        # pass it around without pause.
+        delay = 0.0 if rejections == 1 else min(2.0 ** (rejections - 2), 60.0)
+        return {**common, "state": S.SCHEDULED.value, "error": error, "reason": reason,
+                "worker_id": None,
+                "scheduled_at": self._db.after(delay) if delay else now}  # fmt: skip
+
 
 def _settle(report: Report, max_result_bytes: int) -> tuple[ReportKind, Any, dict[str, Any] | None]:
     """The report as it will be stored: a result JSON cannot carry, or one
@@ -225,6 +281,9 @@ def _settle(report: Report, max_result_bytes: int) -> tuple[ReportKind, Any, dic
     error = report.error.model_dump() if report.error else None
     if error is not None:
         error = {k: clean_text(v) if isinstance(v, str) else v for k, v in error.items()}
+        # A worker of an older version writes pydantic's text with the
+        # arguments in it; capability readers see the message.
+        error["message"] = redact_inputs(error["message"])
     if kind is not ReportKind.COMPLETED:
         return kind, result, error
     size = stored_size(result)

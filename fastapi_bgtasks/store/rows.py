@@ -58,6 +58,7 @@ class RunRow(TypedDict):
     idempotency_key: str | None
     cancel_requested: bool
     reason: str | None
+    rejected_by: str | None
 
 
 class HistoryRow(TypedDict):
@@ -143,5 +144,5 @@ def new_row(params: Submitted, returned: Any) -> RunRow:
         "started_at": None, "finished_at": None, "updated_at": created_at, "worker_id": None,
         "lease_token": None, "lease_expires_at": None,
         "idempotency_key": params.get("idempotency_key"), "cancel_requested": False,
-        "reason": None,
+        "reason": None, "rejected_by": None,
     }  # fmt: skip

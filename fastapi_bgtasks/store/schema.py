@@ -43,6 +43,9 @@ runs = sa.Table(
     sa.Column("idempotency_key", sa.String(200), nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("reason", sa.String(200), nullable=True),
+    # Who last rejected the run while it waits: the fingerprint of that
+    # worker's signature of the task (or its id); claims skip it for them.
+    sa.Column("rejected_by", sa.String(200), nullable=True),
 )
 
 history = sa.Table(

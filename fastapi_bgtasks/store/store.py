@@ -48,6 +48,7 @@ class Store:
         self.run_history = reads.run_history
         self.leased_to = reads.leased_to
         self.next_due = reads.next_due
+        self.overdue = reads.overdue
 
     async def open(self) -> None:
         """Create the engines. Connects lazily: opening cannot fail on a down database."""

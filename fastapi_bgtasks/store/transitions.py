@@ -7,7 +7,7 @@ compare-and-set statement whose source states come from states.EDGES.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,6 +42,7 @@ class Transitions:
             *sa.func.bgtasks_claim(
                 sa.bindparam("worker", type_=sa.String),
                 sa.bindparam("tasks", type_=postgresql.ARRAY(sa.String)),
+                sa.bindparam("keys", type_=postgresql.ARRAY(sa.String)),
                 sa.bindparam("slots", type_=sa.Integer),
                 sa.bindparam("lease", type_=sa.Float),
                 sa.bindparam("token", type_=sa.String),
@@ -51,14 +52,24 @@ class Transitions:
         )
 
     async def claim(
-        self, *, worker_id: str, tasks: Sequence[str], slots: int, lease_seconds: float
+        self,
+        *,
+        worker_id: str,
+        tasks: Sequence[str],
+        slots: int,
+        lease_seconds: float,
+        keys: Mapping[str, str] | None = None,
     ) -> list[DeliveryRow]:
         """Lease up to this worker's free credit of due runs, in one statement.
 
         Credit is slots minus the runs already leased to the worker, counted
         in the same statement, so it holds across app processes. The attempt
-        is counted here; the lease token fences every later report.
+        is counted here; the lease token fences every later report. A run
+        whose `rejected_by` is this worker's key for its task (`keys`: the
+        fingerprint of its signature; else its id) is left to others.
         """
+        tasks = sorted(set(tasks))
+        rejecters = [(keys or {}).get(task) or worker_id for task in tasks]
         token = uuid.uuid4().hex
         if self._db.is_pg:
             # Two claims for one worker (a reconnect overlapping its old
@@ -67,14 +78,15 @@ class Transitions:
             # per-worker lock taken before the claim's snapshot.
             statement = self._pg_claim
             params: dict[str, Any] = {
-                "worker": worker_id, "tasks": list(tasks), "slots": slots,
+                "worker": worker_id, "tasks": tasks, "keys": rejecters, "slots": slots,
                 "lease": lease_seconds, "token": token,
             }  # fmt: skip
         else:
-            statement = self._sqlite_claim(tuple(sorted(set(tasks))))
+            statement = self._sqlite_claim(tuple(tasks))
             now = datetime.now(UTC)
             params = {"worker": worker_id, "slots": slots, "now": now, "token": token,
                       "expires": now + timedelta(seconds=lease_seconds)}  # fmt: skip
+            params.update({f"key{i}": key for i, key in enumerate(rejecters)})
         async with self._db.one() as conn:
             rows = [delivery_row(r) for r in await conn.execute(statement, params)]
         rows.sort(key=lambda r: (-r["priority"], r["scheduled_at"]))
@@ -95,12 +107,19 @@ class Transitions:
             .scalar_subquery()
         )
         credit = sa.func.max(0, sa.bindparam("slots", type_=sa.Integer) - held)
+        # A run rejected by a worker with this one's key for the task (the
+        # same signature, or the same worker) would be rejected again.
         branches = [
             sa.select(runs.c.id, runs.c.priority, runs.c.scheduled_at)
-            .where(moves(Event.CLAIM), runs.c.task == task, runs.c.scheduled_at <= now)
+            .where(
+                moves(Event.CLAIM),
+                runs.c.task == task,
+                runs.c.scheduled_at <= now,
+                runs.c.rejected_by.is_distinct_from(sa.bindparam(f"key{i}", type_=sa.String)),
+            )
             .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
             .limit(credit)
-            for task in tasks
+            for i, task in enumerate(tasks)
         ]
         if len(branches) == 1:
             due = branches[0].with_only_columns(runs.c.id)

@@ -58,6 +58,8 @@ class FeedTerms:
     # Upper bound of (the app's monotonic clock - ours); None when the hello
     # carried no clock.
     clock_offset: float | None = None
+    # The app takes REJECTED reports (older apps do not).
+    takes_rejected: bool = False
 
     @classmethod
     def from_hello(cls, hello: Hello, config: WorkerConfig, *, asked_at: float) -> FeedTerms:
@@ -71,6 +73,7 @@ class FeedTerms:
             max_body_bytes=hello.max_body_bytes,
             max_result_bytes=min(config.max_result_bytes, hello.max_result_bytes),
             clock_offset=hello.clock - asked_at if hello.clock is not None else None,
+            takes_rejected=hello.takes_rejected,
         )
 
     @property

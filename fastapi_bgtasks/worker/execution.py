@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
-from pydantic import ValidationError
 
 from ..errors import NotSerializable
 from ..states import Outcome, ReportKind, StopReason
 from ..wire import Delivery, ErrorInfo, Report, clean_text, stored_size
+from .acceptance import error_message, load_call
 from .config import FeedTerms
 from .context import _current
 from .held import HeldRun, Phase, Roster
@@ -165,13 +165,12 @@ class Executor:
         """Call the task; None when it was stopped (its stop reason decides)."""
         d = held.delivery
         task = self.tasks.get(d.task)
-        if task is None:  # the feed only sends what we asked for; defensive
-            message = f"This worker does not serve task {d.task!r}."
-            return Verdict(ReportKind.FAILED, error=ErrorInfo(type="UnknownTask", message=message))
-        try:
-            args, kwargs = task.load_arguments(d.args, d.kwargs)
-        except ValidationError as exc:
-            return Verdict(ReportKind.FAILED, error=_error_info(exc))
+        # Loaded as it arrived (acceptance.py); a run it could not accept is
+        # only held when the app takes no REJECTED report: it fails.
+        call = held.call or load_call(task, d)
+        if task is None or isinstance(call, ErrorInfo):
+            return Verdict(ReportKind.FAILED, error=call if isinstance(call, ErrorInfo) else None)
+        args, kwargs = call
         token = _current.set(held.context)
         if d.timeout_seconds:
             runs.start_soon(self._deadline, held, d.timeout_seconds)
@@ -262,7 +261,7 @@ def _error_info(exc: BaseException) -> ErrorInfo:
         text = text[-MAX_TRACEBACK:]
     return ErrorInfo(
         type=type(exc).__name__[:200],
-        message=clean_text(str(exc)[:10000]),
+        message=clean_text(error_message(exc)[:10000]),
         traceback=clean_text(text),
     )
 

@@ -10,12 +10,16 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ..states import Outcome, StopReason
 from ..wire import Delivery
 from .context import RunContext
+
+if TYPE_CHECKING:
+    from .acceptance import Call
 
 __all__ = ["HeldRun", "Phase", "Roster"]
 
@@ -44,6 +48,7 @@ class HeldRun:
     # Our clock when the lease was last known good: fencing counts from it.
     last_renewed: float
     fresh: bool = False  # provably leased moments ago: start without confirming
+    call: Call | None = None  # its arguments, validated as it arrived
     phase: Phase = Phase.RECEIVED
     stop_reason: StopReason | None = None
     # What `stop()` cancels: the task's scope (async tasks only) and the
@@ -74,8 +79,9 @@ class HeldRun:
 
     def running_answered(self, outcome: Outcome) -> None:
         """The app's answer to this run's RUNNING report: refused means the
-        lease went elsewhere, so the run must stop."""
-        if outcome in (Outcome.STALE, Outcome.UNKNOWN):
+        lease went elsewhere (or already settled the run), so the run must
+        stop; a run already finished has nothing left to stop."""
+        if outcome in (Outcome.STALE, Outcome.UNKNOWN) and not self.finished:
             log.warning("Run %s is no longer ours (%s); stopping it", self.delivery.id, outcome)
             self.stop(StopReason.LOST)
 

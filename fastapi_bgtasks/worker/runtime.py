@@ -25,7 +25,8 @@ from ..backoff import Backoff
 from ..client import ApiClient, HttpRoute
 from ..errors import AccessDenied, BgTasksError, ConfigurationError
 from ..states import ReportKind, StopReason
-from ..wire import Delivery, Hello
+from ..wire import Delivery, ErrorInfo, Hello
+from .acceptance import load_call
 from .config import FeedTerms, WorkerConfig
 from .context import RunContext
 from .execution import Executor, make_report
@@ -155,11 +156,12 @@ class Worker:
             min(0.1, self.config.max_reconnect_seconds), self.config.max_reconnect_seconds
         )
         names = sorted(self.tasks)
+        signatures = [f"{name}:{self.tasks[name].codec.fingerprint}" for name in names]
         while not self._draining.is_set():
             # Before asking: see FeedTerms.from_hello.
             asked_at = time.monotonic()
             try:
-                async for kind, payload in self.client.feed(names, self.config.slots):
+                async for kind, payload in self.client.feed(names, self.config.slots, signatures):
                     if kind == "hello":
                         self.on_hello(payload, asked_at=asked_at)
                         backoff.reset()
@@ -201,9 +203,10 @@ class Worker:
         else:
             log.info("Worker %s reconnected to %s", self.worker_id, self.config.url)
 
-    def receive(self, delivery: Delivery, runs: TaskGroup) -> HeldRun:
+    def receive(self, delivery: Delivery, runs: TaskGroup) -> HeldRun | None:
         """Hold a delivery and start its execution in `runs` (a delivery we
-        hold already is re-sent after a reconnect, or leased to us anew)."""
+        hold already is re-sent after a reconnect, or leased to us anew);
+        hand back at once one this worker cannot accept (None)."""
         held = self.roster.get(delivery.id)
         if held is not None:
             if (
@@ -220,11 +223,18 @@ class Worker:
                     report = make_report(delivery, ReportKind.RUNNING)
                     self.reporter.queue.enqueue(report, held.running_answered)
             return held
+        loaded = load_call(self.tasks.get(delivery.task), delivery)
+        if isinstance(loaded, ErrorInfo) and self.terms.takes_rejected:
+            self._reject(delivery, loaded)
+            return None
+        # (To an older app, a run it cannot accept is reported FAILED, as before.)
+        call = None if isinstance(loaded, ErrorInfo) else loaded
         now = time.monotonic()
         held = HeldRun(
             delivery=delivery,
             context=RunContext(str(delivery.id), delivery.task, delivery.attempt),
             last_renewed=now,
+            call=call,
         )
         leased = self._leased_locally(delivery)
         if leased is not None and now - leased < self.terms.lease_seconds / 4:
@@ -237,6 +247,24 @@ class Worker:
         self.roster.add(held)
         runs.start_soon(self.executor.execute, held, runs, name=f"run {delivery.id}")
         return held
+
+    def _reject(self, delivery: Delivery, error: ErrorInfo) -> None:
+        """Hand back a run this worker cannot accept, without taking a slot:
+        the app offers it to other workers, and no retry is spent."""
+        log.warning(
+            "Run %s - %s: cannot accept it (%s: %s); handing it back",
+            delivery.id,
+            delivery.task,
+            error.type,
+            error.message,
+        )
+        message = f"Worker {self.worker_id}: {error.message}"[:10_000]
+        error = error.model_copy(update={"message": message})
+        report = make_report(delivery, ReportKind.REJECTED, error=error)
+        task = self.tasks.get(delivery.task)
+        if task is not None:  # every worker with this signature will skip it
+            report.signature = task.codec.fingerprint
+        self.reporter.queue.enqueue(report, urgent=True)
 
     def _leased_locally(self, delivery: Delivery) -> float | None:
         """The earliest moment, on our clock, the delivery's lease can have

@@ -67,6 +67,8 @@ DOCUMENT_KEYS = {
     "result",
     "error",
     "worker_id",
+    "reason",
+    "waiting_for",
 }
 MiB = 1024 * 1024
 

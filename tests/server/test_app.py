@@ -219,9 +219,27 @@ def _without_error_text(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _without_later_additions(spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema without what was added since the re-layout, on purpose:
+    the REJECTED report and its `signature`, the run document's `reason` and
+    `waiting_for`, and the feed's `signature` parameter."""
+    spec = json.loads(json.dumps(spec))
+    schemas = spec["components"]["schemas"]
+    report = schemas["Report"]
+    report.pop("description", None)
+    report["properties"]["state"]["enum"].remove("REJECTED")
+    report["properties"].pop("signature")
+    for name in ("reason", "waiting_for"):
+        schemas["RunDocument"]["properties"].pop(name)
+    feed = spec["paths"]["/feed"]["get"]
+    feed["parameters"] = [p for p in feed["parameters"] if p["name"] != "signature"]
+    return spec
+
+
 def test_the_relayout_changed_the_schema_only_by_the_400s_and_the_error_texts() -> None:
-    live = BgTasks("sqlite+aiosqlite:///:memory:").app.app.openapi()
+    live = _without_later_additions(BgTasks("sqlite+aiosqlite:///:memory:").app.app.openapi())
     before = json.loads(BEFORE_RELAYOUT.read_text(encoding="utf-8"))
+    before["components"]["schemas"]["Report"].pop("description", None)
     assert _without_error_text(live) == _without_error_text(before)
     for path, method in BODY_ROUTES:
         assert "400" in live["paths"][path][method]["responses"]

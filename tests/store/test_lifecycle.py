@@ -41,12 +41,14 @@ def test_only_a_claim_and_a_cancel_move_a_waiting_run_and_reports_need_a_lease()
 
 def test_a_report_repeats_when_the_run_is_where_that_report_takes_it() -> None:
     assert {kind: repeats_of(kind) for kind in ReportKind} == {
-        # A late start report of a run its own lease already settled too.
-        ReportKind.RUNNING: {S.RUNNING, S.COMPLETED, S.FAILED},
+        # Not a run its lease already settled: `duplicate` lets a worker
+        # start the run, and a settled run must not run again.
+        ReportKind.RUNNING: {S.RUNNING},
         ReportKind.COMPLETED: {S.COMPLETED},
         ReportKind.CANCELLED: {S.CANCELLED},
         ReportKind.FAILED: {S.FAILED, S.SCHEDULED},
         ReportKind.RELEASED: {S.SCHEDULED, S.CANCELLED},
+        ReportKind.REJECTED: {S.SCHEDULED, S.FAILED, S.CANCELLED},
     }
 
 

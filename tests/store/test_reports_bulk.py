@@ -198,12 +198,15 @@ async def test_a_running_and_a_failure_of_one_run_in_one_batch_retry_it_after_ru
 
 
 async def test_a_batch_repeating_reports_already_applied_changes_nothing(store: Store) -> None:
-    """A worker that re-sends a batch whose answer it lost gets duplicates."""
+    """A worker that re-sends a batch whose answer it lost gets a duplicate
+    for the final report; the start report of a run already settled is
+    `stale` (never leave to start it again), which a worker that has
+    finished the run ignores."""
     [delivery] = await leased_runs(store, 1)
     batch = [report(delivery, "RUNNING"), report(delivery, "COMPLETED", result="ok")]
     assert await apply(store, *batch) == ["accepted", "accepted"]
     row = await fetch(store, delivery["id"])
-    assert await apply(store, *batch) == ["duplicate", "duplicate"]
+    assert await apply(store, *batch) == ["stale", "duplicate"]
     assert await fetch(store, delivery["id"]) == row
     assert len(await steps(store, delivery["id"])) == 4
 

@@ -521,14 +521,19 @@ async def test_a_repeated_completed_report_with_another_result_is_stale(store: S
     assert await fetch(store, delivery["id"]) == row
 
 
-async def test_a_late_running_report_for_a_run_its_lease_finished_is_a_duplicate(
-    store: Store,
+@pytest.mark.parametrize("final", ["COMPLETED", "FAILED"])
+async def test_a_start_report_for_a_run_its_lease_already_settled_is_stale(
+    store: Store, final: str
 ) -> None:
+    """A worker starts a confirmed run on `accepted` or `duplicate`: a re-sent
+    delivery of a run just settled must be told `stale` (do not run it)."""
     await submit(store)
     delivery = await claim_one(store)
-    await apply(store, report(delivery, "COMPLETED", result=1))
+    settle = report(delivery, final, result=1 if final == "COMPLETED" else None, error=None)
+    assert await apply(store, settle) == ["accepted"]
     row = await fetch(store, delivery["id"])
-    assert await apply(store, report(delivery, "RUNNING")) == ["duplicate"]
+    assert row["state"] == final
+    assert await apply(store, report(delivery, "RUNNING")) == ["stale"]
     assert await fetch(store, delivery["id"]) == row
 
 

@@ -127,6 +127,7 @@ async def receive(worker: Worker, leased: Delivery) -> HeldRun:
     async with anyio.create_task_group() as tg:
         held = worker.receive(leased, tg)
         tg.cancel_scope.cancel()
+    assert held is not None
     return held
 
 
