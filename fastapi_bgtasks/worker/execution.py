@@ -195,7 +195,7 @@ class Executor:
                 elif children is not None and isolated:
                     # Stoppable: a stop request cancels this scope, and the
                     # child process is killed (DESIGN §4, sync tasks).
-                    reply = await children.call(held, self._terms())
+                    reply = await children.call(held, self._terms)
                     verdict = Verdict(*reply) if reply is not None else None
                 else:
                     # A thread cannot be interrupted: it keeps its slot and

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,25 +144,27 @@ class ChildPool:
         for child in idle:
             await child.kill()
 
-    async def call(self, held: HeldRun, terms: FeedTerms) -> Reply | None:
+    async def call(self, held: HeldRun, terms: Callable[[], FeedTerms]) -> Reply | None:
         """Run `held` in a child. Cancelled (a stop request cancels the run's
         scope): the child gets `STOP_GRACE` to return after `cancelled()`
         turned true, unless the lease is lost, then it is killed. None: the
         run stopped, its stop reason decides the report."""
         d = held.delivery
-        deadline = terms.hard_deadline(held.last_renewed)
-        if time.monotonic() >= deadline:
-            held.stop(StopReason.LOST)
-            return None
         try:
             child = await self._acquire()
         except (ChildFailed, OSError) as exc:
             log.error("Run %s: no child process to run it in (%s); handing it back", d.id, exc)
             held.stop(StopReason.SHUTDOWN)
             return None
+        # Taken now, not before a child was started: that can take a while.
+        deadline = terms().hard_deadline(held.last_renewed)
+        if time.monotonic() >= deadline:
+            self._idle.append(child)
+            held.stop(StopReason.LOST)
+            return None
         message = {"op": "run", "run_id": str(d.id), "task": d.task, "attempt": d.attempt}
         message |= {"args": d.args, "kwargs": d.kwargs, "deadline": deadline}
-        message["max_result_bytes"] = terms.max_result_bytes
+        message["max_result_bytes"] = terms().max_result_bytes
         reusable = False
         try:
             await child.send(message)
@@ -195,11 +198,13 @@ class ChildPool:
         child, _ = await self._spawn()
         return child
 
-    async def _renew(self, held: HeldRun, child: Child, terms: FeedTerms, sent: float) -> float:
+    async def _renew(
+        self, held: HeldRun, child: Child, terms: Callable[[], FeedTerms], sent: float
+    ) -> float:
         """Move the child's deadline as the lease was renewed; stop the run
         (its scope is cancelled, so the child is killed) once it is past.
         Returns the deadline the child now has."""
-        deadline = terms.hard_deadline(held.last_renewed)
+        deadline = terms().hard_deadline(held.last_renewed)
         if time.monotonic() >= deadline:
             if held.stop_reason is None:
                 log.warning(
@@ -211,12 +216,12 @@ class ChildPool:
             return deadline
         return sent
 
-    async def _stop(self, child: Child, held: HeldRun, terms: FeedTerms) -> bool:
+    async def _stop(self, child: Child, held: HeldRun, terms: Callable[[], FeedTerms]) -> bool:
         """After a stop request: True if the child returned in its grace (and
         can be reused), False once it is to be killed."""
         if held.stop_reason in (None, StopReason.LOST):
             return False
-        grace = min(STOP_GRACE, terms.hard_deadline(held.last_renewed) - time.monotonic())
+        grace = min(STOP_GRACE, terms().hard_deadline(held.last_renewed) - time.monotonic())
         try:
             await child.send({"op": "stop"})
             with anyio.move_on_after(max(0.0, grace)):

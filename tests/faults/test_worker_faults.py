@@ -36,6 +36,7 @@ import pytest
 
 from tests import timing
 from tests.faults.checker import TERMINAL, check, read_ledgers
+from tests.faults.proxy import TcpProxy
 from tests.harness.procs import ROOT, Proc, child_env, start_app, start_worker
 
 LEASE = timing.LEASE_SECONDS
@@ -308,10 +309,10 @@ class Cluster:
     def ledger(self, name: str) -> Path:
         return self.tmp / f"ledger-{name}.jsonl"
 
-    def worker(self, name: str, *args: str, concurrency: int = 4) -> Proc:
+    def worker(self, name: str, *args: str, concurrency: int = 4, url: str | None = None) -> Proc:
         assert self.api is not None
         proc = start_worker(
-            f"{self.api.base}/tasks",
+            url or f"{self.api.base}/tasks",
             self.db_url,
             self.tmp,
             *args,
@@ -752,6 +753,142 @@ def test_r3_a_reaped_run_is_not_leased_back_to_the_frozen_worker(cluster: Cluste
     assert final["state"] == "COMPLETED", (final, steps)
     assert final["attempt"] == 2 and worker_pid(final) == b.pid, (final, steps)
     assert lost == 1, steps
+
+
+# -- R3/R4 for side effects: a run never executes beside its successor -----
+
+# Long enough that a run outlives its lease several times over.
+TICKING_SECONDS = 12.0
+FENCE_LEASE = {"BGTASKS_TEST_LEASE": "3", "BGTASKS_TEST_HEARTBEAT": "0.75"}
+
+
+def side_effects(path: Path, run_id: str) -> list[float]:
+    return sorted(e["t"] for e in entries(path) if e["run_id"] == run_id)
+
+
+def successor_start(path: Path, run_id: str) -> float | None:
+    starts = [e["t"] for e in entries(path) if e["run_id"] == run_id and e["event"] == "start"]
+    return min(starts) if starts else None
+
+
+def close_at_last_effect(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An execution that never ended (its process was stopped) ran at most
+    until its last side effect: that is all a successor could collide with."""
+    last: dict[tuple[str, int, int], float] = {}
+    ended = {(e["run_id"], e["attempt"], e["pid"]) for e in lines if e["event"] == "end"}
+    for e in lines:
+        key = (e["run_id"], e["attempt"], e["pid"])
+        last[key] = max(last.get(key, e["t"]), e["t"])
+    return [
+        {**e, "died": last[(e["run_id"], e["attempt"], e["pid"])]}
+        if e["event"] == "start" and (e["run_id"], e["attempt"], e["pid"]) not in ended
+        else e
+        for e in lines
+    ]
+
+
+def fence_figures(cluster: Cluster, scenario: str, ids: list[str], **extra: Any) -> dict[str, Any]:
+    a, b = cluster.ledger("a"), cluster.ledger("b")
+    lines = close_at_last_effect(read_ledgers([a, b]))
+    margins = {}
+    for run_id in ids:
+        after = successor_start(b, run_id)
+        assert after is not None, f"b never started {run_id}"
+        margins[run_id] = round(after - max(side_effects(a, run_id)), 3)
+    figures = check(
+        f"{scenario}_{cluster.backend}",
+        cluster.api.base if cluster.api else "",
+        ids,
+        [write_ledger(cluster.tmp / f"{scenario}-annotated.jsonl", lines)],
+        extra={
+            "backend": cluster.backend,
+            "last_effect_to_successor_start_s": margins,
+            "overlaps_all_pairs": count_overlaps(lines),
+            **extra,
+        },
+    )
+    return figures
+
+
+@pytest.mark.timeout(150)
+def test_sync_runs_of_a_cut_off_worker_stop_before_their_successor_starts(
+    cluster: Cluster, proxies: list[TcpProxy]
+) -> None:
+    """A worker whose link is blackholed (half-open) stops its sync runs,
+    which ignore `cancelled()`, before the app can give them to another
+    worker: no side effect of its runs is written after the successor
+    started them. (A thread could not be stopped: it ticked on for seconds
+    beside its successor.)"""
+    api = cluster.app(**FENCE_LEASE, BGTASKS_TEST_MAX_RESCUES="10")
+    link = TcpProxy(int(api.base.rsplit(":", 1)[1]))
+    proxies.append(link)
+    a_url = f"http://127.0.0.1:{link.port}/tasks"
+    cluster.worker("a", "--prefetch", "0", concurrency=3, url=a_url)
+    ids = [api.submit("ticking_sync", TICKING_SECONDS) for _ in range(3)]
+    wait_until(lambda: started(cluster.ledger("a"), set(ids)) == set(ids), "3 runs on a")
+    cluster.worker("b", "--prefetch", "0", concurrency=3)
+    cut_at = time.time()
+    link.blackhole()
+    wait_until(
+        lambda: started(cluster.ledger("b"), set(ids)) == set(ids),
+        "b to take over the 3 runs",
+        RESCUE_DEADLINE,
+    )
+    final = api.wait_terminal(ids, TICKING_SECONDS + timing.DEADLINE)
+    assert {final[i]["state"] for i in ids} == {"COMPLETED"}, final
+    figures = fence_figures(
+        cluster,
+        "sync_fence_blackhole",
+        ids,
+        last_effect_after_cut_s=max(
+            round(max(side_effects(cluster.ledger("a"), i)) - cut_at, 3) for i in ids
+        ),
+    )
+    assert_clean(figures)
+    assert figures["overlaps_all_pairs"] == 0
+    assert min(figures["last_effect_to_successor_start_s"].values()) > 0, figures
+
+
+@pytest.mark.timeout(150)
+def test_a_sigstopped_worker_writes_no_side_effect_after_its_successor_started(
+    cluster: Cluster,
+) -> None:
+    """A worker frozen past its lease: its sync runs' processes stop
+    themselves at the lease deadline although the worker cannot tell them
+    to; its async runs take no further step when it resumes. Nothing either
+    kind does lands after the successor started the run."""
+    api = cluster.app(**FENCE_LEASE, BGTASKS_TEST_MAX_RESCUES="10")
+    a = cluster.worker("a", "--prefetch", "0", concurrency=4)
+    sync_ids = [api.submit("ticking_sync", TICKING_SECONDS) for _ in range(2)]
+    async_ids = [api.submit("ticking_async", TICKING_SECONDS) for _ in range(2)]
+    ids = sync_ids + async_ids
+    wait_until(lambda: started(cluster.ledger("a"), set(ids)) == set(ids), "4 runs on a")
+    cluster.worker("b", "--prefetch", "0", concurrency=4)
+    stopped_at = time.time()
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: started(cluster.ledger("b"), set(ids)) == set(ids),
+            "b to take over the 4 runs",
+            RESCUE_DEADLINE,
+        )
+    finally:
+        resumed_at = time.time()
+        a.signal(signal.SIGCONT)
+    final = api.wait_terminal(ids, TICKING_SECONDS + timing.DEADLINE)
+    assert {final[i]["state"] for i in ids} == {"COMPLETED"}, final
+    late = [e for e in entries(cluster.ledger("a")) if e["t"] >= resumed_at]
+    assert late == [], "side effects after the worker resumed"
+    assert a.popen.poll() is None, "the resumed worker died:\n" + a.output()
+    figures = fence_figures(
+        cluster,
+        "sync_fence_sigstop",
+        ids,
+        frozen_seconds=round(resumed_at - stopped_at, 3),
+        effects_after_resume=len(late),
+    )
+    assert_clean(figures)
+    assert figures["overlaps_all_pairs"] == 0
 
 
 def _claim_as_fake_worker(api: Api, worker_id: str, count: int) -> list[dict[str, Any]]:
