@@ -1024,7 +1024,9 @@ def _limits() -> None:  # runs in the child, before exec
 class LimitedWorker(Proc):
     """A worker CLI like start_worker's, under RLIMIT_AS and with no core dumps."""
 
-    def __init__(self, api: Api, db_url: str, tmp: Path, name: str, ledger: Path) -> None:
+    def __init__(
+        self, api: Api, db_url: str, tmp: Path, name: str, ledger: Path, isolation: str
+    ) -> None:
         self.args = [
             sys.executable,
             "-m",
@@ -1036,6 +1038,8 @@ class LimitedWorker(Proc):
             "4",
             "--prefetch",
             "0",
+            "--sync-isolation",
+            isolation,
         ]
         self.log = tmp / f"{name}.log"
         self._file = open(self.log, "ab")  # closed by stop()
@@ -1051,17 +1055,41 @@ class LimitedWorker(Proc):
         )
 
 
+CHILD_DIED = re.compile(
+    r"^(?P<at>\d\d:\d\d:\d\d\.\d{3}) \|.*Run (?P<id>[0-9a-f-]{36}): its process (?P<pid>\d+) died",
+    re.MULTILINE,
+)
+
+
+def child_deaths(procs: list[Proc], near: float) -> dict[int, float]:
+    """When each sync run's child process died, as its worker logged it."""
+    day = datetime.fromtimestamp(near).date()
+    deaths: dict[int, float] = {}
+    for proc in procs:
+        for m in CHILD_DIED.finditer(proc.output()):
+            at = datetime.combine(day, datetime.strptime(m["at"], "%H:%M:%S.%f").time())
+            if at.timestamp() < near - 3600:  # past midnight
+                at += timedelta(days=1)
+            deaths[int(m["pid"])] = at.timestamp()
+    return deaths
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
 @pytest.mark.timeout(150)
-def test_r10_poison_runs_are_quarantined(cluster: Cluster) -> None:
-    """Runs that kill their worker end CRASHED WorkerLost after max_rescues + 1
-    attempts; healthy runs complete; the worker restarts a bounded number of times."""
+def test_r10_poison_runs_are_quarantined(cluster: Cluster, isolation: str) -> None:
+    """Runs that kill the process they run in end CRASHED WorkerLost after
+    max_rescues + 1 attempts; healthy runs complete. A sync run's child
+    process dies, not the worker (process isolation); in a thread it takes
+    the worker down, which restarts a bounded number of times."""
     api = cluster.app()
     ledger = cluster.ledger("poison")
     unknown = api.http.post("/runs", json={"task": "no_such_task"})
     assert unknown.status_code == 404, unknown.text
 
     def spawn(n: int) -> Proc:
-        proc = LimitedWorker(api, cluster.db_url, cluster.tmp, f"poison-worker-{n}", ledger)
+        proc = LimitedWorker(
+            api, cluster.db_url, cluster.tmp, f"poison-worker-{n}", ledger, isolation
+        )
         cluster.procs.append(proc)
         proc.wait_for(r"Worker \S+ connected to")
         return proc
@@ -1113,17 +1141,28 @@ def test_r10_poison_runs_are_quarantined(cluster: Cluster) -> None:
     killing_attempts = sum(
         runs[r]["attempt"] for r in poison.values() if runs[r]["state"] == "CRASHED"
     )
-    assert 0 < len(deaths) <= killing_attempts, (deaths, exits)
+    lines = entries(ledger)
+    children: dict[int, float] = {}
+    if isolation == "process":
+        assert deaths == {}, exits
+        children = child_deaths(workers, min(e["t"] for e in lines))
+        killed = sum(len(CHILD_DIED.findall(w.output())) for w in workers)
+        assert 0 < killed <= killing_attempts, children
+    else:
+        assert 0 < len(deaths) <= killing_attempts, (deaths, exits)
 
-    lines = close_open_starts(entries(ledger), workers, deaths)
+    lines = close_open_starts(lines, workers, {**deaths, **children})
     figures = check(
-        f"R10_poison_runs_quarantined_{cluster.backend}",
+        f"R10_poison_runs_quarantined_{isolation}_{cluster.backend}",
         api.base,
         acked,
         [write_ledger(cluster.tmp / "r10-annotated.jsonl", lines)],
         extra={
             "backend": cluster.backend,
             "worker_restarts": len(deaths),
+            "child_processes_killed_by_their_run": sum(
+                len(CHILD_DIED.findall(w.output())) for w in workers
+            ),
             "restart_bound": killing_attempts,
             "worker_exit_codes": exits,
             "poison_outcomes": outcome,
