@@ -89,9 +89,9 @@ class FeedTerms:
     @property
     def lease_margin(self) -> float:
         """How long before the app can take a lease back this worker must
-        have stopped its run: a fifth of the lease, at least 1 s (at most
-        half of a lease under 2 s)."""
-        return min(max(1.0, self.lease_seconds / 5), self.lease_seconds / 2)
+        have stopped its run: a fifth of the lease, at least 1 s (a quarter
+        of a lease under 4 s)."""
+        return max(self.lease_seconds / 5, min(1.0, self.lease_seconds / 4))
 
     def hard_deadline(self, renewed_at: float) -> float:
         """When a run whose lease was last known good at `renewed_at` (our
