@@ -158,6 +158,12 @@ def where_am_i(fail: bool = False) -> dict[str, object]:
 
 
 @bg.task
+def chain_sync(a: int, b: int) -> str:
+    """Submits from a sync task: back over the worker's URL and token."""
+    return str(add.delay_sync(a, b).id)
+
+
+@bg.task
 async def wait_for_file(path: str) -> str:
     """Gated: starts, then waits until the test creates `path`."""
     _ledger("start")

@@ -87,6 +87,15 @@ def test_a_sync_failure_in_a_child_keeps_its_type_message_and_traceback(
     assert "in where_am_i" in error["traceback"]
 
 
+def test_a_sync_task_in_a_child_submits_through_the_workers_app(
+    db_url: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    base, _ = _serve(db_url, tmp_path, procs)
+    doc = _doc(base, _submit(base, "chain_sync", 2, 3))
+    assert doc["state"] == "COMPLETED", doc
+    assert _doc(base, doc["result"])["result"] == 5
+
+
 def test_thread_isolation_runs_sync_tasks_in_the_worker_process(
     db_url: str, tmp_path: Path, procs: list[Proc]
 ) -> None:
