@@ -174,8 +174,9 @@ class ChildPool:
                     reply = await child.receive()  # cancel-safe: a partial line stays buffered
                 if reply is None:
                     deadline = await self._renew(held, child, terms, deadline)
+            outcome = _reply_of(reply)
             reusable = True
-            return _reply_of(reply)
+            return outcome
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 reusable = await self._stop(child, held, terms)
