@@ -44,7 +44,8 @@ LEASE = timing.LEASE_SECONDS
 RESCUE_DEADLINE = LEASE + timing.REAPER_SECONDS + timing.DEADLINE
 # What a worker logs when it drops a run whose lease it lost.
 FENCED = re.compile(
-    r"Run (?P<id>[0-9a-f-]{36})(?: is no longer ours|: lease no longer ours|: lease not renewed)"
+    r"Run (?P<id>[0-9a-f-]{36})"
+    r"(?: is no longer ours|: lease no longer ours|: lease not renewed|: lease past its deadline)"
 )
 DROPPED = re.compile(
     r"^(?P<at>\d\d:\d\d:\d\d\.\d{3}) \|.*Task run (?P<id>[0-9a-f-]{36}) - \S+: lease lost",
@@ -677,7 +678,8 @@ def test_r3_a_sigstopped_worker_is_fenced_when_it_wakes(cluster: Cluster) -> Non
     lines = split_frozen(raw, a.pid, stopped_at, resumed_at)
     stale_reports = len(re.findall(r"report refused as stale", zombie_log))
     stop_listed = len(re.findall(r"lease no longer ours|is no longer ours", zombie_log))
-    self_fenced = len(re.findall(r"lease not renewed", zombie_log))
+    # Timed out unrenewed, or found past its deadline by the step fence on waking.
+    self_fenced = len(re.findall(r"lease not renewed|lease past its deadline", zombie_log))
     figures = check(
         f"R3_sigstop_zombie_fenced_{cluster.backend}",
         api.base,
