@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from ..states import ReportKind
 from ..tasks import Task, TaskRegistry
 from .context import RunContext, _current
 from .execution import Verdict, _error_info, judge_result
-from .isolation import WATCHDOG_EXIT
+from .isolation import BACKSTOP_SECONDS, WATCHDOG_EXIT
 
 __all__ = ["main"]
 
@@ -100,12 +101,24 @@ class Runner:
                     self.context = RunContext(
                         str(message["run_id"]), str(message["task"]), int(message["attempt"])
                     )
+                    self._arm()
                     self.runs.put(message)
                 elif op == "renew" and self.deadline is not None:
                     self.deadline = max(self.deadline, float(message["deadline"]))
+                    self._arm()
                 elif op == "stop" and self.context is not None:
                     self.context.stop.set()
             self._check_deadline()
+
+    def _arm(self) -> None:
+        """The backstop, under the lock: the kernel ends the process just
+        after the deadline (SIGALRM's default action) even if the task holds
+        the GIL so long that this thread cannot run."""
+        if self.deadline is None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        else:
+            left = self.deadline + BACKSTOP_SECONDS - time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
     def _check_deadline(self) -> None:
         with self.lock:
@@ -128,6 +141,7 @@ class Runner:
             with self.lock:
                 self.deadline = None
                 self.context = None
+                self._arm()
             error = verdict.error.model_dump() if verdict.error is not None else None
             kind = verdict.kind.value
             self.reply({"op": "done", "kind": kind, "result": verdict.result, "error": error})

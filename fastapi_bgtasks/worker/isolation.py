@@ -33,7 +33,7 @@ from .held import HeldRun
 if TYPE_CHECKING:
     from ..tasks import Task
 
-__all__ = ["WATCHDOG_EXIT", "ChildPool", "Reply"]
+__all__ = ["BACKSTOP_SECONDS", "WATCHDOG_EXIT", "ChildPool", "Reply"]
 
 log = logging.getLogger("fastapi_bgtasks.worker")
 
@@ -42,6 +42,9 @@ Reply = tuple[ReportKind, Any, ErrorInfo | None]
 # The exit status of a child whose watchdog fired: read as "the lease may be
 # gone", not as a task that killed its process.
 WATCHDOG_EXIT = 86
+# A child still alive this long after its deadline is ended by the kernel
+# (SIGALRM): a task holding the GIL can delay the watchdog thread.
+BACKSTOP_SECONDS = 0.1
 # How long a cancelled or timed-out run may take to return after it sees
 # `cancelled()`, before its process is killed.
 STOP_GRACE = 2.0
@@ -237,7 +240,7 @@ class ChildPool:
         gone), or the task killed it. Either way the run is left to its
         lease, as for a worker that died: no report, a rescue spent."""
         status = await child.exit_status()
-        if status == WATCHDOG_EXIT:
+        if status in (WATCHDOG_EXIT, -signal.SIGALRM):
             log.warning("Run %s: its process stopped at the lease deadline", held.delivery.id)
         else:
             log.warning(

@@ -158,6 +158,16 @@ def where_am_i(fail: bool = False) -> dict[str, object]:
 
 
 @bg.task
+def hog_the_gil(n: int) -> bool:
+    """A regular expression that backtracks for ages inside C, holding the
+    GIL: no other thread of the process runs meanwhile."""
+    import re
+
+    _ledger("start")
+    return re.match(r"(a+)+$", "a" * n + "b") is not None
+
+
+@bg.task
 def chain_sync(a: int, b: int) -> str:
     """Submits from a sync task: back over the worker's URL and token."""
     return str(add.delay_sync(a, b).id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fastapi_bgtasks.worker.isolation import WATCHDOG_EXIT
+from fastapi_bgtasks.worker.isolation import BACKSTOP_SECONDS, WATCHDOG_EXIT
 from tests import timing
 from tests.harness.procs import ROOT, Proc, child_env, start_app, start_worker
 
@@ -152,11 +153,8 @@ def _ready(child: subprocess.Popen[bytes]) -> dict[str, Any]:
             "path": sys.path,
             "imports": ["tests.harness.hostapp"],
             "tasks": [
-                {
-                    "name": "ticking_sync",
-                    "module": "tests.harness.hostapp",
-                    "qualname": "ticking_sync",
-                }
+                {"name": name, "module": "tests.harness.hostapp", "qualname": name}
+                for name in ("ticking_sync", "hog_the_gil")
             ],
             "url": "http://127.0.0.1:9/tasks",
             "token": None,
@@ -168,11 +166,11 @@ def _ready(child: subprocess.Popen[bytes]) -> dict[str, Any]:
     return ready
 
 
-def _run(seconds: float, deadline: float) -> dict[str, Any]:
+def _run(seconds: float, deadline: float, task: str = "ticking_sync") -> dict[str, Any]:
     return {
         "op": "run",
         "run_id": "r1",
-        "task": "ticking_sync",
+        "task": task,
         "attempt": 1,
         "args": [seconds],
         "kwargs": {},
@@ -186,11 +184,32 @@ def test_a_child_whose_deadline_is_not_renewed_stops_itself(tmp_path: Path) -> N
     ends itself at the deadline, mid-task."""
     child = _child(tmp_path)
     try:
-        assert _ready(child) == {"op": "ready", "tasks": ["ticking_sync"], "missing": {}}
+        assert _ready(child) == {
+            "op": "ready",
+            "tasks": ["hog_the_gil", "ticking_sync"],
+            "missing": {},
+        }
         deadline = time.monotonic() + 1.0
         _send(child, _run(30, deadline))
         assert child.wait(timing.DEADLINE) == WATCHDOG_EXIT
         assert time.monotonic() - deadline < 0.5
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_task_holding_the_gil_past_the_deadline_is_ended_by_the_kernel(
+    tmp_path: Path,
+) -> None:
+    """The watchdog thread cannot run while the task holds the GIL; the
+    interval timer armed with the deadline ends the process anyway."""
+    child = _child(tmp_path)
+    try:
+        _ready(child)
+        deadline = time.monotonic() + 1.0
+        _send(child, _run(40, deadline, task="hog_the_gil"))
+        assert child.wait(timing.DEADLINE) == -signal.SIGALRM
+        assert time.monotonic() - deadline < 0.5 + BACKSTOP_SECONDS
     finally:
         child.kill()
         child.wait()
