@@ -123,7 +123,7 @@ class ChildPool:
         self._served = set(self._sync)
         try:
             child, ready = await self._spawn()
-        except (ChildFailed, OSError) as exc:
+        except Exception as exc:  # any failure to start (a platform without fd passing too)
             self._served = set()
             log.warning(
                 "Sync tasks run in threads: their child process failed to start (%s). "
