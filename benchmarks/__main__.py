@@ -15,6 +15,9 @@ Workloads (default: all), each run on each backend, median of --repeat (3):
        2,000 requests each at concurrency 10, client-side p50/p99 and requests/s.
 - W6   `item.map(range(10_000))` from a script, drained by two workers
        (skipped while the library has no Task.map).
+- W8t  N sync no-op runs (--runs) stored by one map, drained by one worker
+       running them in threads (`--sync-isolation thread`).
+- W8p  W8t with the runs in the worker's child processes (the default).
 - W7   submit and claim p50 with 1k, 100k and 1M runs already stored.
 - MEM  the app's RSS with the plugin against a bare FastAPI app
        (the worker's RSS, idle and after its runs, is in W1's table).
@@ -138,6 +141,8 @@ WORKLOADS = {
         Workload("W3", "W3: pickup latency at a steady rate", workloads.w3, _pickup_columns),
         Workload("W5", "W5: submit inside a route (client-side)", workloads.w5, _route_columns),
         Workload("W6", "W6: bulk map, two workers", workloads.w6, _map_columns),
+        Workload("W8t", "W8t: sync runs in threads, one worker", workloads.w8t, _map_columns),
+        Workload("W8p", "W8p: sync runs in child processes", workloads.w8p, _map_columns),
         Workload("W7", "W7: cost as the table grows (p50)", growth.w7, _growth_columns),
         Workload("MEM", "MEM: resident memory of the app", workloads.memory, _memory_columns),
         Workload("RAW", "RAW: the drivers alone, same table", raw.raw, _raw_columns),

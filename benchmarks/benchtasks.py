@@ -6,6 +6,7 @@ app's workers import its tasks module and not its web app.
 - `stamp`: returns when its body started, so pickup latency (W3) is read
   from the stored results without any other channel.
 - `item`: one element of a bulk `map` (W6).
+- `item_sync`: `item` as a plain `def` (W8: where sync runs execute).
 """
 
 from __future__ import annotations
@@ -31,4 +32,9 @@ async def stamp() -> float:
 
 @bg.task
 async def item(i: int) -> None:
+    return None
+
+
+@bg.task
+def item_sync(i: int) -> None:
     return None

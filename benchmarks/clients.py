@@ -85,16 +85,17 @@ async def paced(rate: float, seconds: float) -> dict[str, Any]:
     }
 
 
-async def bulk_map(runs: int) -> dict[str, Any]:
-    """W6: one `item.map(range(runs))`, skipped while the library has no `map`."""
-    from benchmarks.benchtasks import item, noop
+async def bulk_map(runs: int, sync: bool = False) -> dict[str, Any]:
+    """W6: one `item.map(range(runs))`, skipped while the library has no `map`;
+    W8: the same of `item_sync`."""
+    from benchmarks.benchtasks import item, item_sync, noop
     from fastapi_bgtasks import Task
 
     if not hasattr(Task, "map"):
         return {"skipped": "no Task.map"}
     await noop.delay()  # opens this loop's store: one statement should not pay a connect
     started = time.perf_counter()
-    handles = await item.map(range(runs))
+    handles = await (item_sync if sync else item).map(range(runs))
     elapsed = time.perf_counter() - started
     if len(handles) != runs:
         raise RuntimeError(f"map returned {len(handles)} runs for {runs} inputs")
@@ -226,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--client", choices=["raw", "httpx"], default="raw")
     command = commands.add_parser("map")
     command.add_argument("--runs", type=int, required=True)
+    command.add_argument("--sync", action="store_true")
     return parser
 
 
@@ -241,7 +243,7 @@ async def _dispatch(args: argparse.Namespace) -> dict[str, Any]:
         return await http_load(
             args.base, paths, args.requests, args.concurrency, args.warmup, args.client
         )
-    return await bulk_map(args.runs)
+    return await bulk_map(args.runs, args.sync)
 
 
 def main() -> None:

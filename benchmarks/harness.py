@@ -242,14 +242,14 @@ class Bench:
         self,
         server: Server,
         concurrency: int = int(os.environ.get("BGTASKS_BENCH_CONCURRENCY", "10")),
+        options: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """A worker process for benchtasks' tasks; returns once it holds a
         connection to the app (its feed), plus a moment for the first claim."""
         env = {k: v for k, v in self.env.items() if k != "BGTASKS_DATABASE_URL"}
         args = ["-m", "fastapi_bgtasks.worker", "benchmarks.benchtasks", "--url", server.tasks_url]
-        proc = self._spawn(
-            [*args, "--concurrency", str(concurrency), *_prefetch(), "--log-level", "WARNING"], env
-        )
+        args += ["--concurrency", str(concurrency), *_prefetch(), *options]
+        proc = self._spawn([*args, "--log-level", "WARNING"], env)
         deadline = time.monotonic() + 30
         while not _connected(proc.pid, server.port):
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -39,6 +39,7 @@ def _pipeline(
     task: str,
     runs: int,
     client: list[str],
+    worker_options: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Start the app and `workers` workers, let a client submit `runs` runs
     of `task`, wait until all completed; rates from the client's submit time
@@ -46,7 +47,7 @@ def _pipeline(
     with Bench(backend, ctx.profile) as bench:
         server = bench.start_app()
         started = time.monotonic()
-        procs = [bench.start_worker(server) for _ in range(workers)]
+        procs = [bench.start_worker(server, options=worker_options) for _ in range(workers)]
         time.sleep(max(0.0, started + IDLE_AFTER_SECONDS - time.monotonic()))
         idle = rss_mb(procs[0].pid)
         tag = f"{name.lower()}-{backend}"
@@ -112,6 +113,31 @@ def w1c(backend: str, ctx: Context) -> dict[str, Any]:
         client=["concurrent", "--runs", str(n), "--submitters", str(submitters)],
     )
     return {**figures, "submitters": submitters}
+
+
+def _w8(backend: str, ctx: Context, isolation: str) -> dict[str, Any]:
+    n = ctx.sizes.runs
+    return _pipeline(
+        backend,
+        ctx,
+        name=f"W8{isolation[0]}",
+        workers=1,
+        task="item_sync",
+        runs=n,
+        client=["map", "--runs", str(n), "--sync"],
+        worker_options=("--sync-isolation", isolation),
+    )
+
+
+def w8t(backend: str, ctx: Context) -> dict[str, Any]:
+    """N sync no-op runs stored at once (one map), drained by one worker
+    running them in threads: the per-run cost without process isolation."""
+    return _w8(backend, ctx, "thread")
+
+
+def w8p(backend: str, ctx: Context) -> dict[str, Any]:
+    """W8t with the runs in the worker's child processes (the default)."""
+    return _w8(backend, ctx, "process")
 
 
 def w6(backend: str, ctx: Context) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     python -m fastapi_bgtasks.worker MODULE[:ATTR] [MODULE ...] --url URL
         [--token TOKEN] [--concurrency N] [--prefetch N] [--task NAME ...]
+        [--sync-isolation process|thread]
 
 `BGTASKS_URL` and `BGTASKS_TOKEN` fill in missing flags.
 """
@@ -67,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on SIGTERM, how long running runs may finish (default: 30)",
+    )
+    parser.add_argument(
+        "--sync-isolation",
+        choices=["process", "thread"],
+        default="process",
+        help="where sync tasks run: a child process the worker stops before its lease can "
+        "expire (default), or a thread (starts faster; cannot be stopped, so a run that "
+        "ignores cancelled() can overlap its successor)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             prefetch=args.prefetch,
             grace_seconds=args.grace_seconds,
             max_result_bytes=registry.max_result_bytes,
+            sync_isolation=args.sync_isolation,
+            imports=tuple(spec.partition(":")[0] for spec in args.modules),
         )
         anyio.run(run_worker, registry, names, config)
     except AccessDenied:

@@ -6,17 +6,24 @@ the app's feed hello sets (the app's, never this process's hub's).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import ConfigurationError
 from ..wire import Hello
 
-__all__ = ["FeedTerms", "WorkerConfig"]
+__all__ = ["FeedTerms", "SyncIsolation", "WorkerConfig"]
+
+# Where a sync task runs: a child process the worker can stop (the default),
+# or a thread of the worker's own (faster to start; cannot be stopped).
+SyncIsolation = Literal["process", "thread"]
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """How a worker connects and how much it takes on. CLI flags map 1:1.
-    `prefetch` None takes as many runs ahead as `concurrency`."""
+    `prefetch` None takes as many runs ahead as `concurrency`. `imports`: the
+    modules the CLI imported to find the tasks; a sync run's child process
+    imports them too, first."""
 
     url: str
     token: str | None = None
@@ -26,6 +33,8 @@ class WorkerConfig:
     max_result_bytes: int = 1024 * 1024
     handle_signals: bool = True
     max_reconnect_seconds: float = 10.0
+    sync_isolation: SyncIsolation = "process"
+    imports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -38,6 +47,10 @@ class WorkerConfig:
             )
         if self.max_reconnect_seconds <= 0:
             raise ConfigurationError("max_reconnect_seconds must be positive")
+        if self.sync_isolation not in ("process", "thread"):
+            raise ConfigurationError(
+                f"sync_isolation must be 'process' or 'thread', got {self.sync_isolation!r}"
+            )
 
     @property
     def slots(self) -> int:
@@ -75,6 +88,20 @@ class FeedTerms:
             clock_offset=hello.clock - asked_at if hello.clock is not None else None,
             takes_rejected=hello.takes_rejected,
         )
+
+    @property
+    def lease_margin(self) -> float:
+        """How long before the app can take a lease back this worker must
+        have stopped its run: a fifth of the lease, at least 1 s (a quarter
+        of a lease under 4 s)."""
+        return max(self.lease_seconds / 5, min(1.0, self.lease_seconds / 4))
+
+    def hard_deadline(self, renewed_at: float) -> float:
+        """When a run whose lease was last known good at `renewed_at` (our
+        monotonic clock, taken before the renewal was asked for) must have
+        stopped: a sync run's process is killed then, and kills itself if
+        we cannot; an async run takes no further step after it."""
+        return renewed_at + self.lease_seconds - self.lease_margin
 
     @property
     def request_timeout(self) -> float:

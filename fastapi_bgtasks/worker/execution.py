@@ -1,7 +1,8 @@
 """One run in a worker, from a free slot to its final report: the capacity
 limiter, the start the app must confirm (unless the delivery is fresh), the
-deadline, the call (async on the loop, sync in a thread of its own), and the
-one place where why the run ended decides what is reported.
+deadline, the call (async on the loop, fenced step by step; sync in a child
+process the worker can stop, or a thread of its own), and the one place where
+why the run ended decides what is reported.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from .acceptance import error_message, load_call
 from .config import FeedTerms
 from .context import _current
 from .held import HeldRun, Phase, Roster
+from .leases import fence_steps
 from .reporter import ReportQueue
 
 if TYPE_CHECKING:
     from ..tasks import Task
+    from .isolation import ChildPool
 
-__all__ = ["Executor", "make_report"]
+__all__ = ["Executor", "Verdict", "judge_result", "make_report"]
 
 log = logging.getLogger("fastapi_bgtasks.worker")
 
@@ -65,12 +68,15 @@ class Executor:
         queue: ReportQueue,
         terms: Callable[[], FeedTerms],
         concurrency: int,
+        children: ChildPool | None = None,
     ) -> None:
         self.tasks = tasks
         self.roster = roster
         self.queue = queue
         self._terms = terms
         self.limiter = anyio.CapacityLimiter(concurrency)
+        # Sync runs execute in these child processes (None: in threads).
+        self.children = children
 
     async def execute(self, held: HeldRun, runs: TaskGroup) -> None:
         """Run `held` to its final report; `runs` hosts its deadline."""
@@ -171,20 +177,28 @@ class Executor:
         if task is None or isinstance(call, ErrorInfo):
             return Verdict(ReportKind.FAILED, error=call if isinstance(call, ErrorInfo) else None)
         args, kwargs = call
+        children = self.children if not task.is_async else None
+        isolated = children is not None and children.serves(task.name)
         token = _current.set(held.context)
         if d.timeout_seconds:
             runs.start_soon(self._deadline, held, d.timeout_seconds)
         value: Any = None
+        verdict: Verdict | None = None
         try:
             with anyio.CancelScope() as scope:
-                held.scope = scope if task.is_async else None
+                held.scope = scope if task.is_async or isolated else None
                 if held.stop_reason is not None:
                     scope.cancel()
                 if task.is_async:
-                    value = await task.fn(*args, **kwargs)
+                    value = await fence_steps(task.fn(*args, **kwargs), held, self._terms)
+                elif children is not None and isolated:
+                    # Stoppable: a stop request cancels this scope, and the
+                    # child process is killed (DESIGN §4, sync tasks).
+                    reply = await children.call(held, self._terms)
+                    verdict = Verdict(*reply) if reply is not None else None
                 else:
                     # A thread cannot be interrupted: it keeps its slot and
-                    # lease until it returns (DESIGN §4, sync tasks).
+                    # lease until it returns.
                     value = await _in_daemon_thread(lambda: task.fn(*args, **kwargs), d)
         except Exception as exc:
             if held.stop_reason is None:
@@ -195,34 +209,33 @@ class Executor:
             held.deadline_scope.cancel()
         if held.stop_reason is not None:
             return None
-        return self._result(task, value)
-
-    def _result(self, task: Task[Any, Any], value: Any) -> Verdict:
-        try:
-            result = task.dump_result(value)
-        except NotSerializable as exc:
-            error = ErrorInfo(type="NotSerializable", message=str(exc))
-            return Verdict(ReportKind.FAILED, error=error)
-        # Measured as the app stores it (UTF-8 bytes of compact JSON), so
-        # the worker and the app refuse the same results.
-        size = stored_size(result)
-        limit = self._terms().max_result_bytes
-        if size is None:
-            message = f"Task {task.name!r} returned a value JSON cannot carry."
-            return Verdict(
-                ReportKind.FAILED, error=ErrorInfo(type="NotSerializable", message=message)
-            )
-        if size > limit:
-            message = f"The result is {size} bytes as stored JSON (UTF-8); the limit is {limit}."
-            return Verdict(
-                ReportKind.FAILED, error=ErrorInfo(type="ResultTooLarge", message=message)
-            )
-        return Verdict(ReportKind.COMPLETED, result=result)
+        if isolated:
+            return verdict
+        return judge_result(task, value, self._terms().max_result_bytes)
 
     async def _deadline(self, held: HeldRun, seconds: float) -> None:
         with held.deadline_scope:
             await anyio.sleep(seconds)
             held.stop(StopReason.TIMEOUT)
+
+
+def judge_result(task: Task[Any, Any], value: Any, limit: int) -> Verdict:
+    """What a sync or async task's return value comes to, as JSON within `limit`."""
+    try:
+        result = task.dump_result(value)
+    except NotSerializable as exc:
+        error = ErrorInfo(type="NotSerializable", message=str(exc))
+        return Verdict(ReportKind.FAILED, error=error)
+    # Measured as the app stores it (UTF-8 bytes of compact JSON), so
+    # the worker and the app refuse the same results.
+    size = stored_size(result)
+    if size is None:
+        message = f"Task {task.name!r} returned a value JSON cannot carry."
+        return Verdict(ReportKind.FAILED, error=ErrorInfo(type="NotSerializable", message=message))
+    if size > limit:
+        message = f"The result is {size} bytes as stored JSON (UTF-8); the limit is {limit}."
+        return Verdict(ReportKind.FAILED, error=ErrorInfo(type="ResultTooLarge", message=message))
+    return Verdict(ReportKind.COMPLETED, result=result)
 
 
 async def _in_daemon_thread(call: Callable[[], Any], d: Delivery) -> Any:

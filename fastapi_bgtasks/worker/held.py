@@ -51,8 +51,8 @@ class HeldRun:
     call: Call | None = None  # its arguments, validated as it arrived
     phase: Phase = Phase.RECEIVED
     stop_reason: StopReason | None = None
-    # What `stop()` cancels: the task's scope (async tasks only) and the
-    # wait for a slot.
+    # What `stop()` cancels: the task's scope (async tasks and sync tasks in
+    # child processes) and the wait for a slot.
     scope: anyio.CancelScope | None = None
     wait_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     deadline_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -67,9 +67,10 @@ class HeldRun:
 
     def stop(self, reason: StopReason) -> None:
         """Ask the run to stop; the first reason given decides its final
-        report. An async task is cancelled; a sync task's thread cannot be,
-        so it only sees `cancelled()` turn true and keeps its slot and lease
-        until it returns."""
+        report. An async task is cancelled, and so is the wait on a sync
+        task's child process (which is then killed); a sync task in a thread
+        cannot be, so it only sees `cancelled()` turn true and keeps its slot
+        and lease until it returns."""
         if self.stop_reason is None:
             self.stop_reason = reason
         self.context.stop.set()

@@ -1,7 +1,9 @@
 """Keeping the leases a worker holds: heartbeats renew them (and carry the
 app's stop and cancel requests back), and fencing stops a run whose lease
 may expire before it can be renewed, so this worker never runs beside the
-one the run goes to next.
+one the run goes to next. An async run is also fenced step by step: after a
+pause of the whole process (SIGSTOP), it takes no step once its lease may
+have gone, before the heartbeat has even had a turn.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, Generic, TypeVar
 
 import anyio
 
@@ -19,7 +22,9 @@ from ..wire import HeartbeatResponse
 from .config import FeedTerms
 from .held import HeldRun, Roster
 
-__all__ = ["Leases"]
+__all__ = ["Leases", "fence_steps"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("fastapi_bgtasks.worker")
 
@@ -92,3 +97,71 @@ class Leases:
                     now - h.last_renewed,
                 )
                 h.stop(StopReason.LOST)
+
+
+async def fence_steps(
+    coro: Coroutine[Any, Any, T], held: HeldRun, terms: Callable[[], FeedTerms]
+) -> T:
+    """Await an async task's coroutine, but let it take a step (start, or go
+    on after an await) only while its lease cannot have expired, judged on
+    our monotonic clock. A process frozen past its lease wakes with every
+    timer due at once and the task's may fire first: the task is then
+    cancelled at the await it was suspended on, so what follows that await
+    never runs (its `except` and `finally` blocks do)."""
+
+    def may_step() -> bool:
+        return time.monotonic() < terms().hard_deadline(held.last_renewed)
+
+    def fence() -> None:
+        if held.stop_reason is None:
+            log.warning(
+                "Run %s: lease past its deadline when the worker resumed; stopping it",
+                held.delivery.id,
+            )
+        held.stop(StopReason.LOST)
+
+    return await _StepFence(coro, may_step, fence)
+
+
+class _StepFence(Generic[T]):
+    """Drives a coroutine like `await` does, checking `may_step` before
+    each step; when it fails, `fence` cancels the run's scope and this yields
+    one loop turn to receive that cancellation, which goes into the coroutine
+    instead of the step."""
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, T], may_step: Callable[[], bool], fence: Callable[[], None]
+    ) -> None:
+        self._coro = coro
+        self._may_step = may_step
+        self._fence = fence
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coro = self._coro
+        sent: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                if error is None and not self._may_step():
+                    self._fence()
+                    try:
+                        yield None  # a bare yield: one turn of the event loop
+                    except GeneratorExit:
+                        raise
+                    except BaseException as exc:  # the cancellation, for the task
+                        error = exc
+                    continue
+                try:
+                    yielded = coro.send(sent) if error is None else coro.throw(error)
+                except StopIteration as done:
+                    value: T = done.value
+                    return value
+                error = None
+                try:
+                    sent = yield yielded
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # thrown in by the loop: the task's to see
+                    error = exc
+        finally:
+            coro.close()

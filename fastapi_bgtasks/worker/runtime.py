@@ -31,6 +31,7 @@ from .config import FeedTerms, WorkerConfig
 from .context import RunContext
 from .execution import Executor, make_report
 from .held import HeldRun, Roster
+from .isolation import ChildPool
 from .leases import Leases
 from .reporter import Reporter
 
@@ -74,8 +75,16 @@ class Worker:
         self.roster = Roster()
         self.reporter = Reporter(self.client.reports, lambda: self.terms)
         self.leases = Leases(self.roster, self.client.heartbeat, lambda: self.terms)
+        self.children = (
+            ChildPool(config, self.tasks) if config.sync_isolation == "process" else None
+        )
         self.executor = Executor(
-            self.tasks, self.roster, self.reporter.queue, lambda: self.terms, config.concurrency
+            self.tasks,
+            self.roster,
+            self.reporter.queue,
+            lambda: self.terms,
+            config.concurrency,
+            self.children,
         )
         self._draining = anyio.Event()
         self._feed_scope = anyio.CancelScope()
@@ -89,6 +98,8 @@ class Worker:
         self.registry.worker_route = HttpRoute(self.config.url, self.config.token, self.client)
         self.registry.worker_loop = asyncio.get_running_loop()
         try:
+            if self.children is not None:
+                await self.children.start()
             async with anyio.create_task_group() as tg:
                 if self.config.handle_signals:
                     tg.start_soon(self._signals)
@@ -107,6 +118,8 @@ class Worker:
             self.registry.worker_route = None
             self.registry.worker_loop = None
             with anyio.CancelScope(shield=True):
+                if self.children is not None:
+                    await self.children.aclose()
                 await self.client.aclose()
         if self.fatal is not None:
             raise self.fatal
@@ -143,8 +156,10 @@ class Worker:
         for held in roster.all():
             if not held.finished:
                 held.stop(StopReason.SHUTDOWN)
-        # Sync tasks cannot be interrupted: wait for their threads a little
-        # longer; runs still going after that are left to their lease.
+        # Sync runs in child processes get a short grace, then are killed and
+        # handed back; threads (--sync-isolation thread) cannot be
+        # interrupted: wait for them a little longer; runs still going after
+        # that are left to their lease.
         with anyio.move_on_after(5):
             await roster.until(lambda: all(h.finished for h in roster.all()))
         runs.cancel_scope.cancel()

@@ -43,6 +43,7 @@ from tests.faults.checker import (
     split_frozen,
     write_ledger,
 )
+from tests.faults.proxy import TcpProxy
 from tests.harness.procs import ROOT, Proc, child_env, start_app, start_worker
 
 LEASE = timing.LEASE_SECONDS
@@ -50,7 +51,8 @@ LEASE = timing.LEASE_SECONDS
 RESCUE_DEADLINE = LEASE + timing.REAPER_SECONDS + timing.DEADLINE
 # What a worker logs when it drops a run whose lease it lost.
 FENCED = re.compile(
-    r"Run (?P<id>[0-9a-f-]{36})(?: is no longer ours|: lease no longer ours|: lease not renewed)"
+    r"Run (?P<id>[0-9a-f-]{36})"
+    r"(?: is no longer ours|: lease no longer ours|: lease not renewed|: lease past its deadline)"
 )
 DROPPED = re.compile(
     r"^(?P<at>\d\d:\d\d:\d\d\.\d{3}) \|.*Task run (?P<id>[0-9a-f-]{36}) - \S+: lease lost",
@@ -257,10 +259,10 @@ class Cluster:
     def ledger(self, name: str) -> Path:
         return self.tmp / f"ledger-{name}.jsonl"
 
-    def worker(self, name: str, *args: str, concurrency: int = 4) -> Proc:
+    def worker(self, name: str, *args: str, concurrency: int = 4, url: str | None = None) -> Proc:
         assert self.api is not None
         proc = start_worker(
-            f"{self.api.base}/tasks",
+            url or f"{self.api.base}/tasks",
             self.db_url,
             self.tmp,
             *args,
@@ -625,7 +627,8 @@ def test_r3_a_sigstopped_worker_is_fenced_when_it_wakes(cluster: Cluster) -> Non
     lines = split_frozen(raw, a.pid, stopped_at, resumed_at)
     stale_reports = len(re.findall(r"report refused as stale", zombie_log))
     stop_listed = len(re.findall(r"lease no longer ours|is no longer ours", zombie_log))
-    self_fenced = len(re.findall(r"lease not renewed", zombie_log))
+    # Timed out unrenewed, or found past its deadline by the step fence on waking.
+    self_fenced = len(re.findall(r"lease not renewed|lease past its deadline", zombie_log))
     figures = check(
         f"R3_sigstop_zombie_fenced_{cluster.backend}",
         api.base,
@@ -701,6 +704,142 @@ def test_r3_a_reaped_run_is_not_leased_back_to_the_frozen_worker(cluster: Cluste
     assert final["state"] == "COMPLETED", (final, steps)
     assert final["attempt"] == 2 and worker_pid(final) == b.pid, (final, steps)
     assert lost == 1, steps
+
+
+# -- R3/R4 for side effects: a run never executes beside its successor -----
+
+# Long enough that a run outlives its lease several times over.
+TICKING_SECONDS = 12.0
+FENCE_LEASE = {"BGTASKS_TEST_LEASE": "3", "BGTASKS_TEST_HEARTBEAT": "0.75"}
+
+
+def side_effects(path: Path, run_id: str) -> list[float]:
+    return sorted(e["t"] for e in entries(path) if e["run_id"] == run_id)
+
+
+def successor_start(path: Path, run_id: str) -> float | None:
+    starts = [e["t"] for e in entries(path) if e["run_id"] == run_id and e["event"] == "start"]
+    return min(starts) if starts else None
+
+
+def close_at_last_effect(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An execution that never ended (its process was stopped) ran at most
+    until its last side effect: that is all a successor could collide with."""
+    last: dict[tuple[str, int, int], float] = {}
+    ended = {(e["run_id"], e["attempt"], e["pid"]) for e in lines if e["event"] == "end"}
+    for e in lines:
+        key = (e["run_id"], e["attempt"], e["pid"])
+        last[key] = max(last.get(key, e["t"]), e["t"])
+    return [
+        {**e, "died": last[(e["run_id"], e["attempt"], e["pid"])]}
+        if e["event"] == "start" and (e["run_id"], e["attempt"], e["pid"]) not in ended
+        else e
+        for e in lines
+    ]
+
+
+def fence_figures(cluster: Cluster, scenario: str, ids: list[str], **extra: Any) -> dict[str, Any]:
+    a, b = cluster.ledger("a"), cluster.ledger("b")
+    lines = close_at_last_effect(read_ledgers([a, b]))
+    margins = {}
+    for run_id in ids:
+        after = successor_start(b, run_id)
+        assert after is not None, f"b never started {run_id}"
+        margins[run_id] = round(after - max(side_effects(a, run_id)), 3)
+    figures = check(
+        f"{scenario}_{cluster.backend}",
+        cluster.api.base if cluster.api else "",
+        ids,
+        [write_ledger(cluster.tmp / f"{scenario}-annotated.jsonl", lines)],
+        extra={
+            "backend": cluster.backend,
+            "last_effect_to_successor_start_s": margins,
+            "overlaps_all_pairs": count_overlaps(lines),
+            **extra,
+        },
+    )
+    return figures
+
+
+@pytest.mark.timeout(150)
+def test_sync_runs_of_a_cut_off_worker_stop_before_their_successor_starts(
+    cluster: Cluster, proxies: list[TcpProxy]
+) -> None:
+    """A worker whose link is blackholed (half-open) stops its sync runs,
+    which ignore `cancelled()`, before the app can give them to another
+    worker: no side effect of its runs is written after the successor
+    started them. (A thread could not be stopped: it ticked on for seconds
+    beside its successor.)"""
+    api = cluster.app(**FENCE_LEASE, BGTASKS_TEST_MAX_RESCUES="10")
+    link = TcpProxy(int(api.base.rsplit(":", 1)[1]))
+    proxies.append(link)
+    a_url = f"http://127.0.0.1:{link.port}/tasks"
+    cluster.worker("a", "--prefetch", "0", concurrency=3, url=a_url)
+    ids = [api.submit("ticking_sync", TICKING_SECONDS) for _ in range(3)]
+    wait_until(lambda: started(cluster.ledger("a"), set(ids)) == set(ids), "3 runs on a")
+    cluster.worker("b", "--prefetch", "0", concurrency=3)
+    cut_at = time.time()
+    link.blackhole()
+    wait_until(
+        lambda: started(cluster.ledger("b"), set(ids)) == set(ids),
+        "b to take over the 3 runs",
+        RESCUE_DEADLINE,
+    )
+    final = api.wait_terminal(ids, TICKING_SECONDS + timing.DEADLINE)
+    assert {final[i]["state"] for i in ids} == {"COMPLETED"}, final
+    figures = fence_figures(
+        cluster,
+        "sync_fence_blackhole",
+        ids,
+        last_effect_after_cut_s=max(
+            round(max(side_effects(cluster.ledger("a"), i)) - cut_at, 3) for i in ids
+        ),
+    )
+    assert_clean(figures)
+    assert figures["overlaps_all_pairs"] == 0
+    assert min(figures["last_effect_to_successor_start_s"].values()) > 0, figures
+
+
+@pytest.mark.timeout(150)
+def test_a_sigstopped_worker_writes_no_side_effect_after_its_successor_started(
+    cluster: Cluster,
+) -> None:
+    """A worker frozen past its lease: its sync runs' processes stop
+    themselves at the lease deadline although the worker cannot tell them
+    to; its async runs take no further step when it resumes. Nothing either
+    kind does lands after the successor started the run."""
+    api = cluster.app(**FENCE_LEASE, BGTASKS_TEST_MAX_RESCUES="10")
+    a = cluster.worker("a", "--prefetch", "0", concurrency=4)
+    sync_ids = [api.submit("ticking_sync", TICKING_SECONDS) for _ in range(2)]
+    async_ids = [api.submit("ticking_async", TICKING_SECONDS) for _ in range(2)]
+    ids = sync_ids + async_ids
+    wait_until(lambda: started(cluster.ledger("a"), set(ids)) == set(ids), "4 runs on a")
+    cluster.worker("b", "--prefetch", "0", concurrency=4)
+    stopped_at = time.time()
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: started(cluster.ledger("b"), set(ids)) == set(ids),
+            "b to take over the 4 runs",
+            RESCUE_DEADLINE,
+        )
+    finally:
+        resumed_at = time.time()
+        a.signal(signal.SIGCONT)
+    final = api.wait_terminal(ids, TICKING_SECONDS + timing.DEADLINE)
+    assert {final[i]["state"] for i in ids} == {"COMPLETED"}, final
+    late = [e for e in entries(cluster.ledger("a")) if e["t"] >= resumed_at]
+    assert late == [], "side effects after the worker resumed"
+    assert a.popen.poll() is None, "the resumed worker died:\n" + a.output()
+    figures = fence_figures(
+        cluster,
+        "sync_fence_sigstop",
+        ids,
+        frozen_seconds=round(resumed_at - stopped_at, 3),
+        effects_after_resume=len(late),
+    )
+    assert_clean(figures)
+    assert figures["overlaps_all_pairs"] == 0
 
 
 def _claim_as_fake_worker(api: Api, worker_id: str, count: int) -> list[dict[str, Any]]:
@@ -836,7 +975,9 @@ def _limits() -> None:  # runs in the child, before exec
 class LimitedWorker(Proc):
     """A worker CLI like start_worker's, under RLIMIT_AS and with no core dumps."""
 
-    def __init__(self, api: Api, db_url: str, tmp: Path, name: str, ledger: Path) -> None:
+    def __init__(
+        self, api: Api, db_url: str, tmp: Path, name: str, ledger: Path, isolation: str
+    ) -> None:
         self.args = [
             sys.executable,
             "-m",
@@ -848,6 +989,8 @@ class LimitedWorker(Proc):
             "4",
             "--prefetch",
             "0",
+            "--sync-isolation",
+            isolation,
         ]
         self.log = tmp / f"{name}.log"
         self._file = open(self.log, "ab")  # closed by stop()
@@ -863,17 +1006,41 @@ class LimitedWorker(Proc):
         )
 
 
+CHILD_DIED = re.compile(
+    r"^(?P<at>\d\d:\d\d:\d\d\.\d{3}) \|.*Run (?P<id>[0-9a-f-]{36}): its process (?P<pid>\d+) died",
+    re.MULTILINE,
+)
+
+
+def child_deaths(procs: list[Proc], near: float) -> dict[int, float]:
+    """When each sync run's child process died, as its worker logged it."""
+    day = datetime.fromtimestamp(near).date()
+    deaths: dict[int, float] = {}
+    for proc in procs:
+        for m in CHILD_DIED.finditer(proc.output()):
+            at = datetime.combine(day, datetime.strptime(m["at"], "%H:%M:%S.%f").time())
+            if at.timestamp() < near - 3600:  # past midnight
+                at += timedelta(days=1)
+            deaths[int(m["pid"])] = at.timestamp()
+    return deaths
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
 @pytest.mark.timeout(150)
-def test_r10_poison_runs_are_quarantined(cluster: Cluster) -> None:
-    """Runs that kill their worker end CRASHED WorkerLost after max_rescues + 1
-    attempts; healthy runs complete; the worker restarts a bounded number of times."""
+def test_r10_poison_runs_are_quarantined(cluster: Cluster, isolation: str) -> None:
+    """Runs that kill the process they run in end CRASHED WorkerLost after
+    max_rescues + 1 attempts; healthy runs complete. A sync run's child
+    process dies, not the worker (process isolation); in a thread it takes
+    the worker down, which restarts a bounded number of times."""
     api = cluster.app()
     ledger = cluster.ledger("poison")
     unknown = api.http.post("/runs", json={"task": "no_such_task"})
     assert unknown.status_code == 404, unknown.text
 
     def spawn(n: int) -> Proc:
-        proc = LimitedWorker(api, cluster.db_url, cluster.tmp, f"poison-worker-{n}", ledger)
+        proc = LimitedWorker(
+            api, cluster.db_url, cluster.tmp, f"poison-worker-{n}", ledger, isolation
+        )
         cluster.procs.append(proc)
         proc.wait_for(r"Worker \S+ connected to")
         return proc
@@ -925,17 +1092,28 @@ def test_r10_poison_runs_are_quarantined(cluster: Cluster) -> None:
     killing_attempts = sum(
         runs[r]["attempt"] for r in poison.values() if runs[r]["state"] == "CRASHED"
     )
-    assert 0 < len(deaths) <= killing_attempts, (deaths, exits)
+    lines = entries(ledger)
+    children: dict[int, float] = {}
+    if isolation == "process":
+        assert deaths == {}, exits
+        children = child_deaths(workers, min(e["t"] for e in lines))
+        killed = sum(len(CHILD_DIED.findall(w.output())) for w in workers)
+        assert 0 < killed <= killing_attempts, children
+    else:
+        assert 0 < len(deaths) <= killing_attempts, (deaths, exits)
 
-    lines = close_open_starts(entries(ledger), workers, deaths)
+    lines = close_open_starts(lines, workers, {**deaths, **children})
     figures = check(
-        f"R10_poison_runs_quarantined_{cluster.backend}",
+        f"R10_poison_runs_quarantined_{isolation}_{cluster.backend}",
         api.base,
         acked,
         [write_ledger(cluster.tmp / "r10-annotated.jsonl", lines)],
         extra={
             "backend": cluster.backend,
             "worker_restarts": len(deaths),
+            "child_processes_killed_by_their_run": sum(
+                len(CHILD_DIED.findall(w.output())) for w in workers
+            ),
             "restart_bound": killing_attempts,
             "worker_exit_codes": exits,
             "poison_outcomes": outcome,

@@ -130,6 +130,57 @@ def sleep_sync(seconds: float) -> float:
 
 
 @bg.task
+def ticking_sync(seconds: float) -> float:
+    """A side effect every 50 ms (start, ticks, end), ignoring `cancelled()`:
+    only a process that can be stopped stops it."""
+    _ledger("start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        _ledger("tick")
+    _ledger("end")
+    return seconds
+
+
+@bg.task
+async def ticking_async(seconds: float) -> float:
+    """`ticking_sync`'s async twin: a side effect after every await."""
+    _ledger("start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await anyio.sleep(0.05)
+        _ledger("tick")
+    _ledger("end")
+    return seconds
+
+
+@bg.task
+def where_am_i(fail: bool = False) -> dict[str, object]:
+    """What a sync run sees of itself: its process, its run, its prints."""
+    run = current_run()
+    print(f"where_am_i printed in {os.getpid()}", flush=True)
+    if fail:
+        raise LookupError(f"failed in {os.getpid()}")
+    return {"pid": os.getpid(), "run_id": run.run_id if run else None}
+
+
+@bg.task
+def hog_the_gil(n: int) -> bool:
+    """A regular expression that backtracks for ages inside C, holding the
+    GIL: no other thread of the process runs meanwhile."""
+    import re
+
+    _ledger("start")
+    return re.match(r"(a+)+$", "a" * n + "b") is not None
+
+
+@bg.task
+def chain_sync(a: int, b: int) -> str:
+    """Submits from a sync task: back over the worker's URL and token."""
+    return str(add.delay_sync(a, b).id)
+
+
+@bg.task
 async def wait_for_file(path: str) -> str:
     """Gated: starts, then waits until the test creates `path`."""
     _ledger("start")
