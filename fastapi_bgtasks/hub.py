@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -93,6 +94,9 @@ class BgTasks:
         self.registry = self.dispatch.registry
         self._app: Any = None
         self._auth_throttle: FailureThrottle | None = None
+        # The app's wall clock, read by the store. Tests step it (a real
+        # clock cannot be stepped from a test); nothing else should set it.
+        self._wall_clock: Callable[[], float] = time.time
 
     @property
     def database_url(self) -> str:
@@ -230,7 +234,9 @@ class BgTasks:
 
         if self.running is not None:
             raise ConfigurationError("This hub's lifespan is already running.")
-        store = Store(self.settings.database_url, pool_size=self.settings.pool_size)
+        store = Store(
+            self.settings.database_url, pool_size=self.settings.pool_size, wall=self._wall_clock
+        )
         await store.open()
         try:
             await store.migrate()

@@ -7,7 +7,8 @@ one for a connection.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..errors import ConfigurationError, InvalidValue, StoreUnavailable
+from .clock import LeaseClock
 
 __all__ = ["Database", "safe_url"]
 
@@ -103,8 +105,14 @@ class Database:
     """One SQLAlchemy async engine on PostgreSQL; on SQLite two, one writer
     connection (SQLite has one writer anyway) and a few readers."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, wall: Callable[[], float] = time.time
+    ) -> None:
         self.url = _parse(url)
+        # The app's wall clock (`time.time`; a stepped one in tests).
+        self.wall = wall
+        # Leases are judged by this one, on both databases (clock.py).
+        self.lease_clock = LeaseClock(wall)
         self.display_url = safe_url(url)
         self.dialect = self.url.get_backend_name()
         self.is_pg = self.dialect == "postgresql"
@@ -210,19 +218,36 @@ class Database:
         triple the round trips of a one-statement read."""
         return self._translated(self._engines()[1], begin=False, autocommit=self.is_pg)
 
-    # -- the clock: now() on PostgreSQL, the app's clock on SQLite --------
+    # -- the store's clock: now() on PostgreSQL, the app's on SQLite ------
+    # (times of runs; leases are on `lease_clock`)
+
+    async def anchor_lease_clock(self) -> None:
+        """Anchor the lease clock when the lifespan starts: at the database's
+        clock on PostgreSQL (so app processes agree however their hosts'
+        clocks differ), at the app's on SQLite."""
+        if not self.is_pg:
+            self.lease_clock.now()
+            return
+        async with self.read() as conn:
+            asked = time.monotonic()
+            epoch = await conn.scalar(sa.select(sa.extract("epoch", sa.func.clock_timestamp())))
+            answered = time.monotonic()
+        if epoch is not None:
+            self.lease_clock.anchor(float(epoch), (asked + answered) / 2)
+
+    def wall_now(self) -> datetime:
+        """The app's wall clock, as the store's clock on SQLite."""
+        return datetime.fromtimestamp(self.wall(), UTC)
 
     def now(self) -> Any:
         if self.is_pg:
             return sa.func.now()
-        return sa.literal(datetime.now(UTC), sa.DateTime(timezone=True))
+        return sa.literal(self.wall_now(), sa.DateTime(timezone=True))
 
     def after(self, seconds: float) -> Any:
         if self.is_pg:
             return sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval)
-        return sa.literal(
-            datetime.now(UTC) + timedelta(seconds=seconds), sa.DateTime(timezone=True)
-        )
+        return sa.literal(self.wall_now() + timedelta(seconds=seconds), sa.DateTime(timezone=True))
 
     def now_param(self) -> Any:
         """`:now` in a prepared statement: bound on SQLite, the server's on PostgreSQL."""
@@ -232,7 +257,7 @@ class Database:
 
     def clock_params(self) -> dict[str, Any]:
         """The parameters `now_param` needs."""
-        return {} if self.is_pg else {"now": datetime.now(UTC)}
+        return {} if self.is_pg else {"now": self.wall_now()}
 
 
 def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
