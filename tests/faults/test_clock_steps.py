@@ -111,7 +111,7 @@ def test_a_forward_step_takes_no_running_run_from_its_worker(stepped: SteppedApp
 
 @pytest.mark.timeout(90)
 def test_a_backward_step_leaves_no_dead_workers_runs_stranded(stepped: SteppedApp) -> None:
-    """The worker dies, then −120 s: its runs are rescued within the lease."""
+    """The worker dies, then -120 s: its runs are rescued within the lease."""
     worker = stepped.worker("w1")
     gate = stepped.tmp / "gate"
     ids = [stepped.submit("wait_for_file", str(gate)) for _ in range(RUNS)]
