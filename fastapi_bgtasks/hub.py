@@ -55,7 +55,7 @@ class BgTasks:
         token: str | None = None,
         auth: Any = None,
         url: str | None = None,
-        max_body_bytes: int = MiB,
+        max_body_bytes: int | None = None,
         max_args_bytes: int = MiB,
         max_result_bytes: int = MiB,
         poll_seconds: float = 1.0,

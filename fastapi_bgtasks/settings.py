@@ -12,10 +12,12 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_DATABASE_URL", "MiB", "Settings"]
+__all__ = ["DEFAULT_DATABASE_URL", "ENVELOPE_BYTES", "MiB", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./bgtasks.db"
 MiB = 1024 * 1024
+# Room in a submit's body beyond its arguments (task name, options, spacing).
+ENVELOPE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ class Settings:
         token: str | None = None,
         auth: Any = None,
         url: str | None = None,
-        max_body_bytes: int = MiB,
+        max_body_bytes: int | None = None,
         max_args_bytes: int = MiB,
         max_result_bytes: int = MiB,
         poll_seconds: float = 1.0,
@@ -87,6 +89,10 @@ class Settings:
         reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
         worker_token = _option("token", token, "BGTASKS_TOKEN")
         workers, operators = _access(trust_loopback, worker_token, auth)
+        args_bytes = _count("max_args_bytes", max_args_bytes, 1)
+        # By default a body carries the largest argument set and its envelope.
+        if max_body_bytes is None:
+            max_body_bytes = args_bytes + ENVELOPE_BYTES
         return cls(
             database_url=_text("database_url", database_url)
             or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
@@ -99,7 +105,7 @@ class Settings:
             auth=auth,
             remote_url=_url(_option("url", url, "BGTASKS_URL")),
             max_body_bytes=_count("max_body_bytes", max_body_bytes, 1),
-            max_args_bytes=_count("max_args_bytes", max_args_bytes, 1),
+            max_args_bytes=args_bytes,
             max_result_bytes=_count("max_result_bytes", max_result_bytes, 1),
             poll_seconds=_positive("poll_seconds", poll_seconds),
             reaper_seconds=_positive("reaper_seconds", reaper),
