@@ -34,6 +34,8 @@ _CAUGHT: tuple[type[BaseException], ...] = (*_UNAVAILABLE, sa.exc.DBAPIError, Un
 # SQLSTATEs worth a retry: a database going away, starting up or out of
 # room (08, 53300, 57P0x), and transactions aborted by a serialization
 # failure or a deadlock (40001, 40P01).
+_BUSY_TIMEOUT_MS = 30_000  # how long a SQLite statement waits for the write lock
+
 _UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03", "40001", "40P01")
 
 
@@ -218,6 +220,47 @@ class Database:
         triple the round trips of a one-statement read."""
         return self._translated(self._engines()[1], begin=False, autocommit=self.is_pg)
 
+    async def probe_write(self, timeout: float) -> None:
+        """Commit a write that changes nothing, waiting at most `timeout`
+        seconds for the write lock: proof the store can take writes now (not
+        held by another connection, not read-only, room to commit). Raises
+        StoreUnavailable when it cannot."""
+        try:
+            if self.is_pg:
+                await self._probe_pg(timeout)
+            else:
+                await self._probe_sqlite(timeout)
+        except _CAUGHT as exc:
+            raise StoreUnavailable(
+                f"The task store ({self.display_url}) cannot take writes: {type(exc).__name__}"
+            ) from exc
+
+    async def _probe_pg(self, timeout: float) -> None:
+        async with self._engines()[0].begin() as conn:
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(timeout * 1000)}")
+            # Takes the lock every write to the runs table takes (a LOCK TABLE
+            # held elsewhere blocks it), and commits a row version.
+            await conn.exec_driver_sql("UPDATE bgtasks_runs SET state = state WHERE false")
+            await conn.exec_driver_sql("UPDATE bgtasks_schema SET version = version")
+
+    async def _probe_sqlite(self, timeout: float) -> None:
+        # A reader connection, so the probe never queues behind the app's own
+        # writer; BEGIN IMMEDIATE, because a deferred BEGIN would not see a
+        # write lock held by another connection until it wrote.
+        async with self._engines()[1].connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    await conn.exec_driver_sql("UPDATE bgtasks_schema SET version = version")
+                    await conn.exec_driver_sql("COMMIT")
+                except BaseException:
+                    await conn.exec_driver_sql("ROLLBACK")
+                    raise
+            finally:
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
     # -- the store's clock: now() on PostgreSQL, the app's on SQLite ------
     # (times of runs; leases are on `lease_clock`)
 
@@ -268,7 +311,7 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

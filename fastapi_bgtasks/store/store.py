@@ -46,6 +46,7 @@ class Store:
 
         reads = Reads(self.db)
         self.ping = reads.ping
+        self.probe_write = self.db.probe_write
         self.get_run = reads.get_run
         self.list_runs = reads.list_runs
         self.run_history = reads.run_history
