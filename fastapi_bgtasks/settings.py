@@ -42,6 +42,7 @@ class Settings:
     max_feeds: int
     max_streams: int
     max_list_limit: int
+    max_page_bytes: int
     pool_size: int
     loopback_workers: bool
     loopback_operators: bool
@@ -74,6 +75,7 @@ class Settings:
         max_feeds: int = 256,
         max_streams: int = 1024,
         max_list_limit: int = 500,
+        max_page_bytes: int = 4 * MiB,
         pool_size: int = 10,
         trust_loopback: bool = True,
         loopback_hosts: Iterable[str] = (),
@@ -113,6 +115,7 @@ class Settings:
             max_feeds=_count("max_feeds", max_feeds, 1),
             max_streams=_count("max_streams", max_streams, 1),
             max_list_limit=_count("max_list_limit", max_list_limit, 1),
+            max_page_bytes=_count("max_page_bytes", max_page_bytes, 1),
             pool_size=_count("pool_size", pool_size, 1),
             loopback_workers=workers,
             loopback_operators=operators,

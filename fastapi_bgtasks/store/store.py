@@ -49,6 +49,7 @@ class Store:
         self.probe_write = self.db.probe_write
         self.get_run = reads.get_run
         self.list_runs = reads.list_runs
+        self.page_runs = reads.page_runs
         self.run_history = reads.run_history
         self.leased_to = reads.leased_to
         self.next_due = reads.next_due
