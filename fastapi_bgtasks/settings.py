@@ -82,19 +82,11 @@ class Settings:
     ) -> Settings:
         """Validate every option; a bad one raises `ConfigurationError` naming it."""
         lease = _positive("lease_seconds", lease_seconds)
-        # Three chances to renew before a lease can expire.
-        heartbeat = _positive(
-            "heartbeat_seconds", lease / 4 if heartbeat_seconds is None else heartbeat_seconds
-        )
-        if heartbeat >= lease / 2:
-            raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
+        heartbeat = _heartbeat(lease, heartbeat_seconds)
         reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
         worker_token = _option("token", token, "BGTASKS_TOKEN")
         workers, operators = _access(trust_loopback, worker_token, auth)
-        args_bytes = _count("max_args_bytes", max_args_bytes, 1)
-        # By default a body carries the largest argument set and its envelope.
-        if max_body_bytes is None:
-            max_body_bytes = args_bytes + ENVELOPE_BYTES
+        body_bytes, args_bytes = _body_limits(max_body_bytes, max_args_bytes)
         return cls(
             database_url=_text("database_url", database_url)
             or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
@@ -106,7 +98,7 @@ class Settings:
             token=worker_token,
             auth=auth,
             remote_url=_url(_option("url", url, "BGTASKS_URL")),
-            max_body_bytes=_count("max_body_bytes", max_body_bytes, 1),
+            max_body_bytes=body_bytes,
             max_args_bytes=args_bytes,
             max_result_bytes=_count("max_result_bytes", max_result_bytes, 1),
             poll_seconds=_positive("poll_seconds", poll_seconds),
@@ -121,6 +113,26 @@ class Settings:
             loopback_operators=operators,
             loopback_hosts=_hosts(loopback_hosts),
         )
+
+
+def _heartbeat(lease: float, heartbeat_seconds: Any) -> float:
+    """A quarter of the lease by default: three chances to renew before a
+    lease can expire."""
+    heartbeat = _positive(
+        "heartbeat_seconds", lease / 4 if heartbeat_seconds is None else heartbeat_seconds
+    )
+    if heartbeat >= lease / 2:
+        raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
+    return heartbeat
+
+
+def _body_limits(max_body_bytes: Any, max_args_bytes: Any) -> tuple[int, int]:
+    """(max_body_bytes, max_args_bytes): by default a body carries the
+    largest argument set and its envelope."""
+    args_bytes = _count("max_args_bytes", max_args_bytes, 1)
+    if max_body_bytes is None:
+        return args_bytes + ENVELOPE_BYTES, args_bytes
+    return _count("max_body_bytes", max_body_bytes, 1), args_bytes
 
 
 def _access(trust: Any, token: str | None, auth: Any) -> tuple[bool, bool]:
