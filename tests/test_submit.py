@@ -68,7 +68,10 @@ def make_hub(database_url: str) -> BgTasks:
 async def serving(hub: BgTasks) -> AsyncIterator[httpx.AsyncClient]:
     """The hub's lifespan and a loopback client of its mounted API."""
     transport = httpx.ASGITransport(app=hub.app, client=LOOPBACK, raise_app_exceptions=False)
-    async with hub.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+    async with (
+        hub.lifespan(),
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http,
+    ):
         try:
             yield http
         finally:
