@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -54,7 +55,7 @@ class BgTasks:
         token: str | None = None,
         auth: Any = None,
         url: str | None = None,
-        max_body_bytes: int = MiB,
+        max_body_bytes: int | None = None,
         max_args_bytes: int = MiB,
         max_result_bytes: int = MiB,
         poll_seconds: float = 1.0,
@@ -63,6 +64,7 @@ class BgTasks:
         max_feeds: int = 256,
         max_streams: int = 1024,
         max_list_limit: int = 500,
+        max_page_bytes: int = 4 * MiB,
         pool_size: int = 10,
         trust_loopback: bool = True,
         loopback_hosts: Iterable[str] = (),
@@ -85,6 +87,7 @@ class BgTasks:
             max_feeds=max_feeds,
             max_streams=max_streams,
             max_list_limit=max_list_limit,
+            max_page_bytes=max_page_bytes,
             pool_size=pool_size,
             trust_loopback=trust_loopback,
             loopback_hosts=loopback_hosts,
@@ -93,6 +96,9 @@ class BgTasks:
         self.registry = self.dispatch.registry
         self._app: Any = None
         self._auth_throttle: FailureThrottle | None = None
+        # The app's wall clock, read by the store. Tests step it (a real
+        # clock cannot be stepped from a test); nothing else should set it.
+        self._wall_clock: Callable[[], float] = time.time
 
     @property
     def database_url(self) -> str:
@@ -230,7 +236,9 @@ class BgTasks:
 
         if self.running is not None:
             raise ConfigurationError("This hub's lifespan is already running.")
-        store = Store(self.settings.database_url, pool_size=self.settings.pool_size)
+        store = Store(
+            self.settings.database_url, pool_size=self.settings.pool_size, wall=self._wall_clock
+        )
         await store.open()
         try:
             await store.migrate()

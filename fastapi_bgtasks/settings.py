@@ -12,10 +12,12 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_DATABASE_URL", "MiB", "Settings"]
+__all__ = ["DEFAULT_DATABASE_URL", "ENVELOPE_BYTES", "MiB", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./bgtasks.db"
 MiB = 1024 * 1024
+# Room in a submit's body beyond its arguments (task name, options, spacing).
+ENVELOPE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ class Settings:
     max_feeds: int
     max_streams: int
     max_list_limit: int
+    max_page_bytes: int
     pool_size: int
     loopback_workers: bool
     loopback_operators: bool
@@ -63,7 +66,7 @@ class Settings:
         token: str | None = None,
         auth: Any = None,
         url: str | None = None,
-        max_body_bytes: int = MiB,
+        max_body_bytes: int | None = None,
         max_args_bytes: int = MiB,
         max_result_bytes: int = MiB,
         poll_seconds: float = 1.0,
@@ -72,21 +75,18 @@ class Settings:
         max_feeds: int = 256,
         max_streams: int = 1024,
         max_list_limit: int = 500,
+        max_page_bytes: int = 4 * MiB,
         pool_size: int = 10,
         trust_loopback: bool = True,
         loopback_hosts: Iterable[str] = (),
     ) -> Settings:
         """Validate every option; a bad one raises `ConfigurationError` naming it."""
         lease = _positive("lease_seconds", lease_seconds)
-        # Three chances to renew before a lease can expire.
-        heartbeat = _positive(
-            "heartbeat_seconds", lease / 4 if heartbeat_seconds is None else heartbeat_seconds
-        )
-        if heartbeat >= lease / 2:
-            raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
+        heartbeat = _heartbeat(lease, heartbeat_seconds)
         reaper = min(lease / 4, 5.0) if reaper_seconds is None else reaper_seconds
         worker_token = _option("token", token, "BGTASKS_TOKEN")
         workers, operators = _access(trust_loopback, worker_token, auth)
+        body_bytes, args_bytes = _body_limits(max_body_bytes, max_args_bytes)
         return cls(
             database_url=_text("database_url", database_url)
             or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
@@ -98,8 +98,8 @@ class Settings:
             token=worker_token,
             auth=auth,
             remote_url=_url(_option("url", url, "BGTASKS_URL")),
-            max_body_bytes=_count("max_body_bytes", max_body_bytes, 1),
-            max_args_bytes=_count("max_args_bytes", max_args_bytes, 1),
+            max_body_bytes=body_bytes,
+            max_args_bytes=args_bytes,
             max_result_bytes=_count("max_result_bytes", max_result_bytes, 1),
             poll_seconds=_positive("poll_seconds", poll_seconds),
             reaper_seconds=_positive("reaper_seconds", reaper),
@@ -107,11 +107,32 @@ class Settings:
             max_feeds=_count("max_feeds", max_feeds, 1),
             max_streams=_count("max_streams", max_streams, 1),
             max_list_limit=_count("max_list_limit", max_list_limit, 1),
+            max_page_bytes=_count("max_page_bytes", max_page_bytes, 1),
             pool_size=_count("pool_size", pool_size, 1),
             loopback_workers=workers,
             loopback_operators=operators,
             loopback_hosts=_hosts(loopback_hosts),
         )
+
+
+def _heartbeat(lease: float, heartbeat_seconds: Any) -> float:
+    """A quarter of the lease by default: three chances to renew before a
+    lease can expire."""
+    heartbeat = _positive(
+        "heartbeat_seconds", lease / 4 if heartbeat_seconds is None else heartbeat_seconds
+    )
+    if heartbeat >= lease / 2:
+        raise ConfigurationError("heartbeat_seconds must be under half of lease_seconds")
+    return heartbeat
+
+
+def _body_limits(max_body_bytes: Any, max_args_bytes: Any) -> tuple[int, int]:
+    """(max_body_bytes, max_args_bytes): by default a body carries the
+    largest argument set and its envelope."""
+    args_bytes = _count("max_args_bytes", max_args_bytes, 1)
+    if max_body_bytes is None:
+        return args_bytes + ENVELOPE_BYTES, args_bytes
+    return _count("max_body_bytes", max_body_bytes, 1), args_bytes
 
 
 def _access(trust: Any, token: str | None, auth: Any) -> tuple[bool, bool]:

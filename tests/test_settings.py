@@ -44,6 +44,7 @@ BAD_OPTIONS: list[tuple[str, Any, str]] = [
     ("max_feeds", 0, "max_feeds"),
     ("max_streams", 0, "max_streams"),
     ("max_list_limit", 0, "max_list_limit"),
+    ("max_page_bytes", 0, "max_page_bytes"),
     ("pool_size", 0, "pool_size"),
     ("pool_size", None, "pool_size"),
     ("trust_loopback", "yes", "trust_loopback"),

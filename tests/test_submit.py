@@ -6,6 +6,7 @@ behaviour per test."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,6 +21,8 @@ from fastapi_bgtasks.schedule import Schedule
 
 pytestmark = pytest.mark.anyio
 
+PLUS_1 = timezone(timedelta(hours=1))
+MINUS_1 = timezone(timedelta(hours=-1))
 PLUS_5 = timezone(timedelta(hours=5))
 MINUS_5 = timezone(timedelta(hours=-5))
 LOOPBACK = ("127.0.0.1", 50000)
@@ -37,6 +40,15 @@ OUT_OF_RANGE: list[tuple[str, dict[str, Any]]] = [
     ("an eta over ten years ahead", {"eta": datetime.now(UTC) + timedelta(days=3660)}),
     ("an empty idempotency key", {"idempotency_key": ""}),
     ("an idempotency key over 200 characters", {"idempotency_key": "k" * 201}),
+    ("a NaN countdown", {"countdown": math.nan}),
+    ("an infinite countdown", {"countdown": math.inf}),
+    ("a negative infinite countdown", {"countdown": -math.inf}),
+    ("a huge countdown", {"countdown": 1e300}),
+    ("a year-1 eta an hour east of UTC", {"eta": datetime(1, 1, 1, tzinfo=PLUS_1)}),
+    (
+        "a year-9999 eta an hour west of UTC",
+        {"eta": datetime(9999, 12, 31, 23, 30, tzinfo=MINUS_1)},
+    ),
     ("a priority over 32 bits", {"priority": 2**31}),
     ("a priority that is a bool", {"priority": True}),
 ]
@@ -56,7 +68,10 @@ def make_hub(database_url: str) -> BgTasks:
 async def serving(hub: BgTasks) -> AsyncIterator[httpx.AsyncClient]:
     """The hub's lifespan and a loopback client of its mounted API."""
     transport = httpx.ASGITransport(app=hub.app, client=LOOPBACK, raise_app_exceptions=False)
-    async with hub.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+    async with (
+        hub.lifespan(),
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http,
+    ):
         try:
             yield http
         finally:
@@ -127,6 +142,51 @@ async def test_post_runs_with_an_eta_at_the_calendars_edge_is_a_422_and_stores_n
         assert await runs_of_add(http) == []
     assert response.status_code == 422, response.text
     assert response.json()["error"] == "invalid_schedule"
+
+
+# Raw bodies: JSON as Python writes it (NaN, Infinity) and as others may.
+BAD_SCHEDULE_BODIES = {
+    "year-1 eta +01:00": '"eta": "0001-01-01T00:00:00+01:00"',
+    "year-9999 eta -01:00": '"eta": "9999-12-31T23:30:00-01:00"',
+    "eta before 1970": '"eta": "1969-12-31T23:59:59Z"',
+    "eta 11 years ahead": f'"eta": "{datetime.now(UTC).year + 11}-01-01T00:00:00Z"',
+    "naive eta": '"eta": "2030-01-01T00:00:00"',
+    "negative countdown": '"countdown": -1',
+    "huge countdown": '"countdown": 1e300',
+    "overflowing countdown": '"countdown": 1e400',
+    "NaN countdown": '"countdown": NaN',
+    "infinite countdown": '"countdown": Infinity',
+    "negative infinite countdown": '"countdown": -Infinity',
+}
+
+
+@pytest.mark.parametrize("field", BAD_SCHEDULE_BODIES.values(), ids=BAD_SCHEDULE_BODIES.keys())
+async def test_post_runs_with_a_schedule_out_of_range_is_a_422_and_stores_nothing(
+    db_url: str, field: str
+) -> None:
+    async with serving(make_hub(db_url)) as http:
+        response = await http.post(
+            "/runs",
+            content=f'{{"task": "add", "args": [1, 2], {field}}}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert await runs_of_add(http) == []
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] in ("invalid_schedule", "invalid_request"), response.text
+
+
+@pytest.mark.parametrize("fields", [f for _, f in OUT_OF_RANGE], ids=[n for n, _ in OUT_OF_RANGE])
+async def test_every_python_entry_point_refuses_a_schedule_out_of_range_and_stores_nothing(
+    db_url: str, fields: dict[str, Any]
+) -> None:
+    """task.apply_async and Submitter.apply_async, with the lifespan's store."""
+    hub = make_hub(db_url)
+    async with serving(hub) as http:
+        with pytest.raises(InvalidSchedule):
+            await hub.tasks["add"].apply_async((1, 2), **fields)
+        with pytest.raises(InvalidSchedule):
+            await hub.submitter().apply_async(hub.tasks["add"], (1, 2), **fields)
+        assert await runs_of_add(http) == []
 
 
 async def test_post_runs_and_delay_store_the_same_run_for_the_same_call(db_url: str) -> None:

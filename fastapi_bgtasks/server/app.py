@@ -7,38 +7,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import anyio
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from ..errors import StoreUnavailable
-from . import feed, intake, reports, status
+from . import feed, health, intake, reports, status
 from .access import host_auth
 from .bodylimit import BodyLimit
-from .context import Live
 from .origin import WriteGuard
-from .responses import EXCEPTION_HANDLERS, declare
+from .responses import EXCEPTION_HANDLERS
 
 if TYPE_CHECKING:
     from .context import ServerHub
 
 __all__ = ["build_app"]
-
-router = APIRouter()
-
-
-@router.get(
-    "/health",
-    summary="200 when the lifespan runs and the store answers, else 503",
-    responses=declare(StoreUnavailable),
-)
-async def health(running: Live) -> dict[str, str]:
-    try:
-        with anyio.fail_after(2):
-            await running.store.ping()
-    except TimeoutError:
-        raise StoreUnavailable("The task store did not answer within 2 s.") from None
-    return {"status": "ok", "database": running.store.dialect}
 
 
 def build_app(hub: ServerHub) -> ASGIApp:
@@ -58,5 +39,5 @@ def build_app(hub: ServerHub) -> ASGIApp:
     api.include_router(status.router(hub.settings.max_list_limit))
     api.include_router(feed.router)
     api.include_router(reports.router)
-    api.include_router(router)
+    api.include_router(health.router)
     return BodyLimit(api, hub.settings.max_body_bytes, hub.settings.worker_body_bytes)

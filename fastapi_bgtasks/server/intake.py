@@ -26,7 +26,7 @@ from ..submit import Destination, StoreRoute, Where, submit_call, submit_calls
 from ..wire import MapRequest, MapResponse, RunDocument, SubmitRequest
 from .access import OPERATOR
 from .context import Hub, Live, Running
-from .responses import declare
+from .responses import declare, method_not_allowed
 
 __all__ = ["router"]
 
@@ -81,6 +81,18 @@ async def submit_runs(body: MapRequest, hub: Hub, running: Live) -> MapResponse:
     task = hub.get_task(body.task)
     calls = [(call.args, call.kwargs) for call in body.calls]
     return MapResponse(runs=await submit_calls(_lifespan_store(running), task, calls))
+
+
+@router.api_route(
+    "/runs/batch",
+    methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    include_in_schema=False,
+    dependencies=OPERATOR,
+)
+async def batch_takes_post_only() -> Response:
+    """A 405 naming POST: without this route, `GET /runs/batch` would reach
+    `GET /runs/{run_id}` with "batch" as the id, and be a 422."""
+    return method_not_allowed("POST")
 
 
 def _lifespan_store(running: Running) -> Where:

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import (
     AccessDenied,
@@ -30,7 +31,7 @@ from ..errors import (
 )
 from ..wire import ErrorBody, clean_text
 
-__all__ = ["EXCEPTION_HANDLERS", "declare", "install_handlers"]
+__all__ = ["EXCEPTION_HANDLERS", "declare", "install_handlers", "method_not_allowed"]
 
 # The class that answers each status FastAPI and Starlette raise on their own
 # (or the host's `auth=` dependency raises as an HTTPException).
@@ -90,7 +91,31 @@ async def _on_bad_arguments(_request: Request, exc: ValidationError) -> JSONResp
     return _answer(InvalidArguments(detail=_safe_errors(exc.errors(include_url=False))))
 
 
-async def _on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed(request: Request) -> str:
+    """Every method some route serves on this path (Starlette names only the
+    methods of the first route matching the path, so `OPTIONS /runs` would
+    say POST without GET)."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        for route in request.app.router.routes:
+            if route.matches(scope)[0] is Match.FULL:
+                allowed.append(method)
+                break
+    return ", ".join(allowed)
+
+
+def method_not_allowed(allow: str) -> JSONResponse:
+    """The 405 of a route that answers other methods itself."""
+    return _answer(MethodNotAllowed(), {"Allow": allow})
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 405:
+        return _answer(MethodNotAllowed(), {"Allow": _allowed(request)})
     if isinstance(exc.detail, dict) and "error" in exc.detail:
         # The host's auth= dependency may answer with a body of its own.
         return JSONResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)

@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..states import RunState
 from ..wire import (
+    CURSOR_PATTERN,
     RunDocument,
     RunHistory,
     RunPage,
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["router"]
 
+INCLUDE_PATTERN = r"^(args|result|args,result|result,args)$"
+
 
 async def _load(store: Store, run_id: uuid.UUID, full: bool) -> RunDocument:
     row = await store.get_run(run_id)
@@ -65,19 +68,28 @@ async def get_run(run_id: uuid.UUID, denied: OperatorVerdict, running: Live) -> 
 
 async def list_runs(
     running: Live,
+    hub: Hub,
     state: RunState | None = None,
     task: str | None = Query(default=None, max_length=200),
     limit: int = Query(default=50, ge=1),
-    cursor: str | None = Query(default=None, max_length=500),
+    cursor: str | None = Query(default=None, max_length=50, pattern=CURSOR_PATTERN),
+    include: str | None = Query(
+        default=None,
+        pattern=INCLUDE_PATTERN,
+        description="`args`, `result` or `args,result`: also list these values "
+        "(a page then stops early at max_page_bytes)",
+    ),
 ) -> RunPage:
     try:
         position = decode_cursor(cursor) if cursor else None
     except ValueError:
         raise InvalidCursor() from None
-    rows = await running.store.list_runs(state=state, task=task, limit=limit + 1, cursor=position)
-    page = rows[:limit]
+    page, more = await running.store.page_runs(
+        state=state, task=task, limit=limit, cursor=position,
+        include=(include or "").split(","), max_bytes=hub.settings.max_page_bytes,
+    )  # fmt: skip
     next_cursor = None
-    if len(rows) > limit:
+    if more:
         last = page[-1]
         next_cursor = encode_cursor(last["created_at"], last["id"])
     return RunPage(runs=[document_from_row(r) for r in page], next_cursor=next_cursor)

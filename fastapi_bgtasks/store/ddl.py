@@ -332,10 +332,52 @@ _REJECTED_BY = "ALTER TABLE bgtasks_runs ADD COLUMN rejected_by VARCHAR(200)"
 _V3_POSTGRESQL = [_REJECTED_BY, _PG_CLAIM_FUNCTION_V3]
 _V3_SQLITE = [_REJECTED_BY]
 
+# -- version 4: leases on the app's lease clock (store/clock.py). A third
+# bgtasks_claim takes the lease's deadline instead of computing it from the
+# database's now(), so a step of any host's wall clock cannot move a lease.
+# The others stay for app processes of the versions before (their leases
+# are on the database's clock, which the lease clock is anchored at).
+
+_PG_CLAIM_FUNCTION_V4 = """
+CREATE OR REPLACE FUNCTION bgtasks_claim(
+    p_worker text, p_tasks text[], p_keys text[], p_slots integer,
+    p_expires timestamptz, p_token text
+) RETURNS SETOF bgtasks_runs AS $$
+DECLARE
+    credit integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(25191, hashtext(p_worker));
+    SELECT p_slots - count(*) INTO credit FROM bgtasks_runs
+    WHERE worker_id = p_worker AND state IN ('PENDING', 'RUNNING');
+    IF credit <= 0 THEN
+        RETURN;
+    END IF;
+    -- As in version 3, with the lease's deadline given.
+    RETURN QUERY
+    UPDATE bgtasks_runs SET
+        state = 'PENDING', attempt = attempt + 1, worker_id = p_worker,
+        lease_token = p_token, lease_expires_at = p_expires,
+        updated_at = now(), reason = NULL
+    WHERE id = ANY(ARRAY(
+        SELECT due.id FROM unnest(p_tasks, p_keys) AS served(name, key) CROSS JOIN LATERAL (
+            SELECT id, priority, scheduled_at FROM bgtasks_runs
+            WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
+                AND rejected_by IS DISTINCT FROM served.key
+            ORDER BY priority DESC, scheduled_at
+            LIMIT credit
+            FOR UPDATE SKIP LOCKED) AS due
+        ORDER BY due.priority DESC, due.scheduled_at
+        LIMIT credit))
+    RETURNING *;
+END
+$$ LANGUAGE plpgsql
+"""
+
 # MIGRATIONS[n - 1][dialect]: the statements that take a database from
 # version n - 1 to n.
 MIGRATIONS: list[dict[str, list[str]]] = [
     {"postgresql": _V1_POSTGRESQL, "sqlite": _V1_SQLITE},
     {"postgresql": _V2_POSTGRESQL, "sqlite": _V2_SQLITE},
     {"postgresql": _V3_POSTGRESQL, "sqlite": _V3_SQLITE},
+    {"postgresql": [_PG_CLAIM_FUNCTION_V4], "sqlite": []},
 ]

@@ -7,7 +7,8 @@ one for a connection.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..errors import ConfigurationError, InvalidValue, StoreUnavailable
+from .clock import LeaseClock
 
 __all__ = ["Database", "safe_url"]
 
@@ -32,6 +34,8 @@ _CAUGHT: tuple[type[BaseException], ...] = (*_UNAVAILABLE, sa.exc.DBAPIError, Un
 # SQLSTATEs worth a retry: a database going away, starting up or out of
 # room (08, 53300, 57P0x), and transactions aborted by a serialization
 # failure or a deadlock (40001, 40P01).
+_BUSY_TIMEOUT_MS = 30_000  # how long a SQLite statement waits for the write lock
+
 _UNAVAILABLE_STATES = ("08", "53300", "57P01", "57P02", "57P03", "40001", "40P01")
 
 
@@ -103,8 +107,14 @@ class Database:
     """One SQLAlchemy async engine on PostgreSQL; on SQLite two, one writer
     connection (SQLite has one writer anyway) and a few readers."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, wall: Callable[[], float] = time.time
+    ) -> None:
         self.url = _parse(url)
+        # The app's wall clock (`time.time`; a stepped one in tests).
+        self.wall = wall
+        # Leases are judged by this one, on both databases (clock.py).
+        self.lease_clock = LeaseClock(wall)
         self.display_url = safe_url(url)
         self.dialect = self.url.get_backend_name()
         self.is_pg = self.dialect == "postgresql"
@@ -210,19 +220,77 @@ class Database:
         triple the round trips of a one-statement read."""
         return self._translated(self._engines()[1], begin=False, autocommit=self.is_pg)
 
-    # -- the clock: now() on PostgreSQL, the app's clock on SQLite --------
+    async def probe_write(self, timeout: float) -> None:
+        """Commit a write that changes nothing, waiting at most `timeout`
+        seconds for the write lock: proof the store can take writes now (not
+        held by another connection, not read-only, room to commit). Raises
+        StoreUnavailable when it cannot."""
+        try:
+            if self.is_pg:
+                await self._probe_pg(timeout)
+            else:
+                await self._probe_sqlite(timeout)
+        except _CAUGHT as exc:
+            raise StoreUnavailable(
+                f"The task store ({self.display_url}) cannot take writes: {type(exc).__name__}"
+            ) from exc
+
+    async def _probe_pg(self, timeout: float) -> None:
+        async with self._engines()[0].begin() as conn:
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(timeout * 1000)}")
+            # Takes the lock every write to the runs table takes (a LOCK TABLE
+            # held elsewhere blocks it), and commits a row version.
+            await conn.exec_driver_sql("UPDATE bgtasks_runs SET state = state WHERE false")
+            await conn.exec_driver_sql("UPDATE bgtasks_schema SET version = version")
+
+    async def _probe_sqlite(self, timeout: float) -> None:
+        # A reader connection, so the probe never queues behind the app's own
+        # writer; BEGIN IMMEDIATE, because a deferred BEGIN would not see a
+        # write lock held by another connection until it wrote.
+        async with self._engines()[1].connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            try:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    await conn.exec_driver_sql("UPDATE bgtasks_schema SET version = version")
+                    await conn.exec_driver_sql("COMMIT")
+                except BaseException:
+                    await conn.exec_driver_sql("ROLLBACK")
+                    raise
+            finally:
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+    # -- the store's clock: now() on PostgreSQL, the app's on SQLite ------
+    # (times of runs; leases are on `lease_clock`)
+
+    async def anchor_lease_clock(self) -> None:
+        """Anchor the lease clock when the lifespan starts: at the database's
+        clock on PostgreSQL (so app processes agree however their hosts'
+        clocks differ), at the app's on SQLite."""
+        if not self.is_pg:
+            self.lease_clock.now()
+            return
+        async with self.read() as conn:
+            asked = time.monotonic()
+            epoch = await conn.scalar(sa.select(sa.extract("epoch", sa.func.clock_timestamp())))
+            answered = time.monotonic()
+        if epoch is not None:
+            self.lease_clock.anchor(float(epoch), (asked + answered) / 2)
+
+    def wall_now(self) -> datetime:
+        """The app's wall clock, as the store's clock on SQLite."""
+        return datetime.fromtimestamp(self.wall(), UTC)
 
     def now(self) -> Any:
         if self.is_pg:
             return sa.func.now()
-        return sa.literal(datetime.now(UTC), sa.DateTime(timezone=True))
+        return sa.literal(self.wall_now(), sa.DateTime(timezone=True))
 
     def after(self, seconds: float) -> Any:
         if self.is_pg:
             return sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval)
-        return sa.literal(
-            datetime.now(UTC) + timedelta(seconds=seconds), sa.DateTime(timezone=True)
-        )
+        return sa.literal(self.wall_now() + timedelta(seconds=seconds), sa.DateTime(timezone=True))
 
     def now_param(self) -> Any:
         """`:now` in a prepared statement: bound on SQLite, the server's on PostgreSQL."""
@@ -232,7 +300,7 @@ class Database:
 
     def clock_params(self) -> dict[str, Any]:
         """The parameters `now_param` needs."""
-        return {} if self.is_pg else {"now": datetime.now(UTC)}
+        return {} if self.is_pg else {"now": self.wall_now()}
 
 
 def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
@@ -243,7 +311,7 @@ def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -6,7 +6,7 @@ falls due. Nothing here writes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +31,35 @@ DELIVERY = (
     runs.c.priority,
     runs.c.scheduled_at,
 )
+
+
+# The columns `GET /runs` leaves out unless asked for, by the name it asks with.
+_VALUES = {"args": ("args", "kwargs"), "result": ("result",)}
+_ALL_VALUES = frozenset({"args", "kwargs", "result"})
+_ROW_OVERHEAD = 512  # bytes of a listed run beyond its JSON values, about
+
+
+def _newest_first(
+    query: Any,
+    state: RunState | None,
+    task: str | None,
+    cursor: tuple[datetime, uuid.UUID] | None,
+) -> Any:
+    """The run list's filters and order: newest first, after the cursor."""
+    query = query.order_by(runs.c.created_at.desc(), runs.c.id.desc())
+    if state is not None:
+        query = query.where(runs.c.state == state.value)
+    if task is not None:
+        query = query.where(runs.c.task == task)
+    if cursor is not None:
+        at, run_id = cursor
+        query = query.where(
+            sa.or_(
+                runs.c.created_at < at,
+                sa.and_(runs.c.created_at == at, runs.c.id < run_id),
+            )
+        )
+    return query
 
 
 class Reads:
@@ -66,21 +95,54 @@ class Reads:
         limit: int,
         cursor: tuple[datetime, uuid.UUID] | None,
     ) -> list[RunRow]:
-        query = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id.desc()).limit(limit)
-        if state is not None:
-            query = query.where(runs.c.state == state.value)
-        if task is not None:
-            query = query.where(runs.c.task == task)
-        if cursor is not None:
-            at, run_id = cursor
-            query = query.where(
-                sa.or_(
-                    runs.c.created_at < at,
-                    sa.and_(runs.c.created_at == at, runs.c.id < run_id),
-                )
-            )
+        query = _newest_first(sa.select(runs), state, task, cursor).limit(limit)
         async with self._db.read() as conn:
             return [run_row(r) for r in await conn.execute(query)]
+
+    async def page_runs(
+        self,
+        *,
+        state: RunState | None,
+        task: str | None,
+        limit: int,
+        cursor: tuple[datetime, uuid.UUID] | None,
+        include: Collection[str],
+        max_bytes: int,
+    ) -> tuple[list[RunRow], bool]:
+        """One page of `GET /runs`: at most `limit` runs and, past the first,
+        no more than `max_bytes` of stored JSON (the arguments and the result
+        only when named in `include`, as "args" and "result"). Returns the
+        runs and whether more follow. The sizes are read first, so a page
+        never loads more than it sends."""
+        values = {c for name in ("args", "result") if name in include for c in _VALUES[name]}
+        size = sum(
+            (sa.func.coalesce(self._octets(runs.c[c]), 0) for c in sorted(values | {"error"})),
+            sa.literal(_ROW_OVERHEAD),
+        )
+        sized = _newest_first(sa.select(runs.c.id, size.label("size")), state, task, cursor)
+        async with self._db.read() as conn:
+            found = list(await conn.execute(sized.limit(limit + 1)))
+            chosen: list[uuid.UUID] = []
+            total = 0
+            for row in found[:limit]:
+                if chosen and total + row.size > max_bytes:
+                    break
+                chosen.append(row.id)
+                total += row.size
+            if not chosen:
+                return [], False
+            columns = [
+                sa.null().label(c.name) if c.name in _ALL_VALUES - values else c for c in runs.c
+            ]
+            query = _newest_first(sa.select(*columns), None, None, None)
+            rows = [run_row(r) for r in await conn.execute(query.where(runs.c.id.in_(chosen)))]
+        return rows, len(found) > len(chosen)
+
+    def _octets(self, column: Any) -> Any:
+        """A JSON column's size in bytes as stored."""
+        if self._db.is_pg:
+            return sa.func.octet_length(sa.cast(column, sa.Text))
+        return sa.func.length(sa.cast(column, sa.LargeBinary))
 
     async def run_history(self, run_id: uuid.UUID) -> list[HistoryRow]:
         query = sa.select(history).where(history.c.run_id == run_id).order_by(history.c.id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 import sqlalchemy as sa
@@ -143,7 +142,7 @@ class Reports:
                 [r.run_id.hex, r.lease_token, text]
                 for r, text in zip(reports, results, strict=True)
             ]
-            params = {"batch": json.dumps(batch), "now": datetime.now(UTC),
+            params = {"batch": json.dumps(batch), "now": self._db.wall_now(),
                       "sources": json.dumps(sources)}  # fmt: skip
         statement = _BULK[kind][self._db.dialect]
         return {row.id for row in await conn.execute(statement, params)}

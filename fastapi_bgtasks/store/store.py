@@ -5,6 +5,7 @@ transitions, reports, reads, wake-ups) on one database connection.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 from . import migrations, watch
@@ -21,8 +22,10 @@ class Store:
     """The runs table and its statements. Each method is one of its parts'
     (see their modules); this class only wires them to one database."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
-        self.db = Database(url, pool_size=pool_size)
+    def __init__(
+        self, url: str, *, pool_size: int = 10, wall: Callable[[], float] = time.time
+    ) -> None:
+        self.db = Database(url, pool_size=pool_size, wall=wall)
         self.url = self.db.url
         self.display_url = self.db.display_url
         self.dialect = self.db.dialect
@@ -43,8 +46,10 @@ class Store:
 
         reads = Reads(self.db)
         self.ping = reads.ping
+        self.probe_write = self.db.probe_write
         self.get_run = reads.get_run
         self.list_runs = reads.list_runs
+        self.page_runs = reads.page_runs
         self.run_history = reads.run_history
         self.leased_to = reads.leased_to
         self.next_due = reads.next_due
@@ -59,7 +64,9 @@ class Store:
 
     async def migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION under a lock; returns the version."""
-        return await migrations.migrate(self.db)
+        version = await migrations.migrate(self.db)
+        await self.db.anchor_lease_clock()
+        return version
 
     async def check_schema(self) -> None:
         """For processes that must not create it: fail clearly when it is missing."""

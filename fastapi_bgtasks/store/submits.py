@@ -82,7 +82,7 @@ class Submits:
         if self._db.is_pg:
             params["delay"] = timedelta(seconds=countdown or 0)
         else:
-            now = datetime.now(UTC)
+            now = self._db.wall_now()
             params["now"] = now
             params["scheduled"] = params["eta"] or now + timedelta(seconds=countdown or 0)
         notify = notify and self._db.is_pg

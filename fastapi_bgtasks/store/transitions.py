@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,7 +43,7 @@ class Transitions:
                 sa.bindparam("tasks", type_=postgresql.ARRAY(sa.String)),
                 sa.bindparam("keys", type_=postgresql.ARRAY(sa.String)),
                 sa.bindparam("slots", type_=sa.Integer),
-                sa.bindparam("lease", type_=sa.Float),
+                sa.bindparam("expires", type_=sa.DateTime(timezone=True)),
                 sa.bindparam("token", type_=sa.String),
             )
             .table_valued(*(sa.column(c.name, c.type) for c in DELIVERY))
@@ -71,6 +70,7 @@ class Transitions:
         tasks = sorted(set(tasks))
         rejecters = [(keys or {}).get(task) or worker_id for task in tasks]
         token = uuid.uuid4().hex
+        expires = self._db.lease_clock.after(lease_seconds)
         if self._db.is_pg:
             # Two claims for one worker (a reconnect overlapping its old
             # stream, perhaps on another app process) would each count the
@@ -79,13 +79,13 @@ class Transitions:
             statement = self._pg_claim
             params: dict[str, Any] = {
                 "worker": worker_id, "tasks": tasks, "keys": rejecters, "slots": slots,
-                "lease": lease_seconds, "token": token,
+                "expires": expires, "token": token,
             }  # fmt: skip
         else:
             statement = self._sqlite_claim(tuple(tasks))
-            now = datetime.now(UTC)
+            now = self._db.wall_now()
             params = {"worker": worker_id, "slots": slots, "now": now, "token": token,
-                      "expires": now + timedelta(seconds=lease_seconds)}  # fmt: skip
+                      "expires": expires}  # fmt: skip
             params.update({f"key{i}": key for i, key in enumerate(rejecters)})
         async with self._db.one() as conn:
             rows = [delivery_row(r) for r in await conn.execute(statement, params)]
@@ -226,7 +226,7 @@ class Transitions:
         statement = (
             runs.update()
             .where(mine)
-            .values(lease_expires_at=self._db.after(lease_seconds))
+            .values(lease_expires_at=self._db.lease_clock.after(lease_seconds))
             .returning(runs.c.id, runs.c.lease_token, runs.c.cancel_requested)
         )
         async with self._db.one() as conn:
@@ -245,7 +245,9 @@ class Transitions:
         update: harmless when several app processes run it at once. Returns
         (run id, new state, the worker that lost it)."""
         now = self._db.now()
-        expired = sa.and_(moves(Event.REAP), runs.c.lease_expires_at < now)
+        # Expiry on the lease clock; the run's own times on the store's.
+        lease_now = sa.literal(self._db.lease_clock.now(), sa.DateTime(timezone=True))
+        expired = sa.and_(moves(Event.REAP), runs.c.lease_expires_at < lease_now)
         # The worker that lost each run, read before the update clears it.
         lost_by = sa.select(runs.c.id, runs.c.worker_id).where(expired)
         async with self._db.write() as conn:

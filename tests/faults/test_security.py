@@ -364,6 +364,8 @@ async def test_worker_routes_refuse_near_miss_credentials_and_change_nothing(
 ROUTE_ACCESS = {
     ("POST", "/runs"): "operator",
     ("POST", "/runs/batch"): "operator",
+    # The 405 of /runs/batch for other methods (else GET would reach /runs/{run_id}).
+    **{(m, "/runs/batch"): "operator" for m in ("GET", "PUT", "PATCH", "DELETE", "OPTIONS")},
     ("GET", "/runs"): "operator",
     ("GET", "/runs/{run_id}"): "capability",
     ("GET", "/runs/{run_id}/history"): "operator",

@@ -27,6 +27,22 @@ bg = BgTasks(
 )
 
 
+def _stepped_wall() -> float:
+    """The app's wall clock stepped by the seconds written in
+    BGTASKS_TEST_CLOCK_FILE: a test rewrites the file to step the clock of
+    this running process, as NTP or an operator would step the host's."""
+    try:
+        with open(os.environ["BGTASKS_TEST_CLOCK_FILE"]) as file:
+            offset = float(file.read() or 0)
+    except (OSError, ValueError):
+        offset = 0.0
+    return time.time() + offset
+
+
+if os.environ.get("BGTASKS_TEST_CLOCK_FILE"):
+    bg._wall_clock = _stepped_wall
+
+
 def _ledger(event: str, **extra: object) -> None:
     """Append one line per task event: survives a SIGKILL (one O_APPEND write).
     `t` is the wall clock, `t_mono` the machine's monotonic clock (the same

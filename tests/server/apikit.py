@@ -139,7 +139,7 @@ async def submit(
 
 
 async def stored_runs(http: httpx.AsyncClient) -> list[dict[str, Any]]:
-    response = await http.get("/tasks/runs", params={"limit": 100})
+    response = await http.get("/tasks/runs", params={"limit": 100, "include": "args,result"})
     assert response.status_code == 200, response.text
     runs: list[dict[str, Any]] = response.json()["runs"]
     return runs

@@ -72,3 +72,15 @@ async def test_a_streamed_body_over_max_body_bytes_is_refused_and_stores_nothing
         )
         assert_client_error(response)
         assert await stored_runs(http) == []
+
+
+async def test_arguments_of_exactly_max_args_bytes_can_be_submitted_over_http(db_url: str) -> None:
+    """By default the body limit is max_args_bytes plus room for the envelope."""
+    limit = 1024 * 1024  # the default max_args_bytes
+    value = "é" * ((limit - len('[[""],{}]')) // 2)  # two UTF-8 bytes each
+    async with api(db_url) as (_, http):
+        response = await http.post("/tasks/runs", json={"task": "echo", "args": [value]})
+        assert response.status_code == 202, response.text
+        over = await http.post("/tasks/runs", json={"task": "echo", "args": [value + "éx"]})
+        assert_error(over, 413, "payload_too_large")
+        assert len(await stored_runs(http)) == 1

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from fastapi_bgtasks.wire import CURSOR_PATTERN
 from tests.server.apikit import (
     api,
     assert_error,
@@ -150,3 +151,101 @@ async def test_cancelling_an_unknown_run_is_a_404(db_url: str) -> None:
     async with api(db_url) as (_, http):
         response = await http.post(f"/tasks/runs/{uuid.uuid4()}/cancel")
     assert_error(response, 404)
+
+
+# -- GET /runs: bounded pages --------------------------------------------------
+
+
+async def test_listing_runs_leaves_out_arguments_and_results_unless_asked(db_url: str) -> None:
+    async with api(db_url) as (_, http):
+        run_id = await submit(http, "echo", "x" * 1000)
+        plain = (await http.get("/tasks/runs")).json()["runs"]
+        both = (await http.get("/tasks/runs", params={"include": "args,result"})).json()["runs"]
+        args = (await http.get("/tasks/runs", params={"include": "args"})).json()["runs"]
+    assert [r["id"] for r in plain] == [run_id]
+    assert plain[0]["args"] is None and plain[0]["kwargs"] is None
+    assert both[0]["args"] == ["x" * 1000] and both[0]["kwargs"] == {}
+    assert args[0]["args"] == ["x" * 1000]
+
+
+@pytest.mark.parametrize("include", ["args,", "secrets", "args,args", "ARGS", ""])
+async def test_an_include_this_api_does_not_know_is_a_422(db_url: str, include: str) -> None:
+    async with api(db_url) as (_, http):
+        response = await http.get("/tasks/runs", params={"include": include})
+    assert_error(response, 422, "invalid_request")
+
+
+async def test_a_page_with_arguments_stops_at_max_page_bytes_and_its_cursor_goes_on(
+    db_url: str,
+) -> None:
+    """Ten runs of 100 KB arguments with a 250 KB page budget: pages of two
+    (the first run of a page is always listed), every run seen once."""
+    async with api(db_url, max_page_bytes=250_000) as (_, http):
+        submitted = [await submit(http, "echo", f"{i}" * 100_000) for i in range(10)]
+        seen: list[str] = []
+        sizes: list[int] = []
+        params: dict[str, Any] = {"limit": 500, "include": "args,result"}
+        while True:
+            response = await http.get("/tasks/runs", params=params)
+            assert response.status_code == 200, response.text
+            page = response.json()
+            sizes.append(len(response.content))
+            seen += [r["id"] for r in page["runs"]]
+            assert all(len(r["args"][0]) == 100_000 for r in page["runs"])
+            if page["next_cursor"] is None:
+                break
+            params["cursor"] = page["next_cursor"]
+    assert sorted(seen) == sorted(submitted) and len(seen) == 10
+    assert len(sizes) == 5 and max(sizes) < 250_000, sizes
+
+
+async def test_a_run_larger_than_max_page_bytes_is_listed_alone(db_url: str) -> None:
+    async with api(db_url, max_page_bytes=1000) as (_, http):
+        first = await submit(http, "echo", "a" * 5000)
+        second = await submit(http, "echo", "b" * 5000)
+        page = (await http.get("/tasks/runs", params={"include": "args"})).json()
+        rest = (
+            await http.get("/tasks/runs", params={"include": "args", "cursor": page["next_cursor"]})
+        ).json()
+    assert [r["id"] for r in page["runs"]] == [second]
+    assert [r["id"] for r in rest["runs"]] == [first] and rest["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["0.00000000000000000000000000000000", "1733400000000000.0123456789abcdef0123456789abcdef"],
+)
+async def test_every_cursor_the_schema_admits_is_accepted(db_url: str, cursor: str) -> None:
+    async with api(db_url) as (_, http):
+        response = await http.get("/tasks/runs", params={"cursor": cursor})
+    assert response.status_code == 200, response.text
+
+
+async def test_the_cursor_schema_is_the_pattern_the_api_decodes(db_url: str) -> None:
+    async with api(db_url) as (_, http):
+        schema = (await http.get("/tasks/openapi.json")).json()
+    (cursor,) = [p for p in schema["paths"]["/runs"]["get"]["parameters"] if p["name"] == "cursor"]
+    assert cursor["schema"]["anyOf"][0]["pattern"] == CURSOR_PATTERN
+
+
+# -- methods -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/tasks/runs/batch", "POST"),
+        ("DELETE", "/tasks/runs/batch", "POST"),
+        ("OPTIONS", "/tasks/runs", "GET, POST"),
+        ("DELETE", "/tasks/runs", "GET, POST"),
+        ("PUT", "/tasks/health", "GET"),
+        ("POST", f"/tasks/runs/{uuid.UUID(int=1)}", "GET"),
+    ],
+)
+async def test_a_method_a_path_does_not_take_is_a_405_naming_every_method_it_does(
+    db_url: str, method: str, path: str, allow: str
+) -> None:
+    async with api(db_url) as (_, http):
+        response = await http.request(method, path)
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allow

@@ -1144,9 +1144,9 @@ async def test_r11_one_reaper_pass_changes_exactly_the_expired_leases(db_url: st
     )
 
 
-# PostgreSQL only: its leases are computed with the database's now(), so
-# the replicas' own clocks cannot matter. On SQLite the store's clock is the
-# app's clock by design (DESIGN.md §3): replicas there share one machine.
+# PostgreSQL only: each replica's lease clock is anchored at the database's
+# clock when its lifespan starts, so the replicas' own clocks cannot matter.
+# On SQLite it is anchored at the app's clock: replicas share one machine.
 @pytest.mark.anyio
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
