@@ -61,7 +61,9 @@ class BgTasks:
         reaper_seconds: float | None = None,
         feed_max_seconds: float = 300.0,
         max_feeds: int = 256,
-        max_streams: int = 1024,
+        max_streams: int = 256,
+        max_streams_per_client: int = 32,
+        max_streams_per_run: int = 16,
         max_list_limit: int = 500,
         pool_size: int = 10,
     ) -> None:
@@ -82,6 +84,8 @@ class BgTasks:
             feed_max_seconds=feed_max_seconds,
             max_feeds=max_feeds,
             max_streams=max_streams,
+            max_streams_per_client=max_streams_per_client,
+            max_streams_per_run=max_streams_per_run,
             max_list_limit=max_list_limit,
             pool_size=pool_size,
         )

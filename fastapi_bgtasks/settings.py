@@ -38,6 +38,8 @@ class Settings:
     feed_max_seconds: float
     max_feeds: int
     max_streams: int
+    max_streams_per_client: int
+    max_streams_per_run: int
     max_list_limit: int
     pool_size: int
 
@@ -66,7 +68,9 @@ class Settings:
         reaper_seconds: float | None = None,
         feed_max_seconds: float = 300.0,
         max_feeds: int = 256,
-        max_streams: int = 1024,
+        max_streams: int = 256,
+        max_streams_per_client: int = 32,
+        max_streams_per_run: int = 16,
         max_list_limit: int = 500,
         pool_size: int = 10,
     ) -> Settings:
@@ -100,6 +104,8 @@ class Settings:
             feed_max_seconds=_positive("feed_max_seconds", feed_max_seconds),
             max_feeds=_count("max_feeds", max_feeds, 1),
             max_streams=_count("max_streams", max_streams, 1),
+            max_streams_per_client=_count("max_streams_per_client", max_streams_per_client, 1),
+            max_streams_per_run=_count("max_streams_per_run", max_streams_per_run, 1),
             max_list_limit=_count("max_list_limit", max_list_limit, 1),
             pool_size=_count("pool_size", pool_size, 1),
         )

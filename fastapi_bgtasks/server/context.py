@@ -34,7 +34,6 @@ class Running:
     loop: asyncio.AbstractEventLoop
     closing: anyio.Event = field(default_factory=anyio.Event)
     open_feeds: dict[str, int] = field(default_factory=dict)
-    open_streams: int = 0
 
 
 class ServerHub(Protocol):

@@ -1,6 +1,7 @@
 """The app-side services a running lifespan owns, each in its task group: the
 reaper (expired leases back to SCHEDULED), the wake-up watcher (changes made
-by other processes) and, on PostgreSQL, the coalescing NOTIFY sender.
+by other processes), the event streams' shared reader and, on PostgreSQL,
+the coalescing NOTIFY sender.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ async def run_services(
     async with anyio.create_task_group() as tg:
         tg.start_soon(_reaper, hub, running)
         tg.start_soon(_watcher, running)
+        tg.start_soon(running.wakeups.watched.serve, running.store, hub.settings.poll_seconds)
         if running.store.is_pg:
             tg.start_soon(_notifier, running)
         task_status.started()
@@ -56,7 +58,7 @@ async def _reaper(hub: ServerHub, running: Running) -> None:
                 if worker_id is not None:
                     running.wakeups.worker_lost(worker_id)
             running.wakeups.runs_added(ANY_TASK)
-            running.wakeups.run_changed()
+            running.wakeups.runs_changed(run_id for run_id, _, _ in reaped)
         await anyio.sleep(hub.settings.reaper_seconds)
 
 
@@ -68,7 +70,7 @@ def _mark_lost(running: Running, workers: set[str]) -> None:
 async def _watcher(running: Running) -> None:
     def on_change(_task: str | None) -> None:
         running.wakeups.runs_added(None, local=False)
-        running.wakeups.run_changed()
+        running.wakeups.runs_changed_elsewhere()
 
     while True:
         try:
@@ -91,5 +93,7 @@ async def _notifier(running: Running) -> None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await running.store.notify(tasks)
         except Exception as exc:
-            log.warning("NOTIFY failed (%s); other app processes will poll", exc)
+            # Sent again, not dropped: idle feeds elsewhere do not poll.
+            log.warning("NOTIFY failed (%s); retrying", exc)
+            running.wakeups.notify_again(tasks)
             await anyio.sleep(0.5)

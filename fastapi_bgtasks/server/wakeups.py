@@ -1,11 +1,16 @@
 """③ Wake-ups inside one app process: runs were added, a worker's credit
-freed, a run changed. Feeds and event streams wait on these instead of
-polling the store.
+freed, runs changed. Feeds and event streams wait on these instead of
+polling the store; a change to a run wakes only the streams on that run.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
+
 import anyio
+
+from .watchers import RunWatchers
 
 __all__ = ["ANY_TASK", "NOTIFY_WINDOW", "Wakeups", "wait_any"]
 
@@ -16,13 +21,14 @@ NOTIFY_WINDOW = 0.005
 
 
 class Wakeups:
-    """In-process signals: runs were added, a worker's credit freed, a run
+    """In-process signals: runs were added, a worker's credit freed, runs
     changed. Each is an event replaced when fired, so a waiter takes the
-    current one *before* it looks at the store and misses nothing."""
+    current one *before* it looks at the store and misses nothing. Changed
+    runs go to `watched`, the event streams' shared copies, by run id."""
 
     def __init__(self) -> None:
         self._runs = anyio.Event()
-        self._changed = anyio.Event()
+        self.watched = RunWatchers()
         self._workers: dict[str, anyio.Event] = {}
         self._to_notify: set[str] = set()
         self._notify = anyio.Event()
@@ -32,9 +38,6 @@ class Wakeups:
 
     def runs_event(self) -> anyio.Event:
         return self._runs
-
-    def changed_event(self) -> anyio.Event:
-        return self._changed
 
     def worker_event(self, worker_id: str) -> anyio.Event:
         event = self._workers.get(worker_id)
@@ -64,13 +67,23 @@ class Wakeups:
         self.lost_workers.add(worker_id)
         self.worker_freed(worker_id)
 
-    def run_changed(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+    def runs_changed(self, run_ids: Iterable[uuid.UUID]) -> None:
+        """These runs changed here: streams on them (and only them) are woken."""
+        self.watched.changed(run_ids)
+
+    def runs_changed_elsewhere(self) -> None:
+        """Another process wrote, which runs is not known: every watched run
+        is read again (at most once per `poll_seconds`)."""
+        self.watched.changed_elsewhere()
 
     async def next_notification(self) -> list[str]:
         await self._notify.wait()
         return self.take_notifications()
+
+    def notify_again(self, tasks: Iterable[str]) -> None:
+        """Tasks whose NOTIFY failed: sent with the next one."""
+        self._to_notify.update(tasks)
+        self._notify.set()
 
     def take_notifications(self) -> list[str]:
         self._notify = anyio.Event()

@@ -44,10 +44,12 @@ class Store:
         reads = Reads(self.db)
         self.ping = reads.ping
         self.get_run = reads.get_run
+        self.get_runs = reads.get_runs
         self.list_runs = reads.list_runs
         self.run_history = reads.run_history
         self.leased_to = reads.leased_to
         self.next_due = reads.next_due
+        self.waiting = reads.waiting
 
     async def open(self) -> None:
         """Create the engines. Connects lazily: opening cannot fail on a down database."""
