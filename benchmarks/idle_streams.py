@@ -6,7 +6,9 @@ run event streams on runs that do not change.
 
 Starts uvicorn serving `benchmarks.streamsapp`, submits `--runs` runs nothing
 serves, opens the feeds and streams over raw sockets, lets them settle, then
-measures the app process's CPU time over `--seconds` and the latency of
+measures the app process's CPU time and the SQL statements its store sends
+(the SQLite wake-up watcher's `PRAGMA data_version` left out) over
+`--seconds`, then the latency of
 `GET /runs/{id}` (p50, p95 of 100 sequential reads). Prints one JSON line.
 """
 
@@ -76,7 +78,8 @@ async def _open(port: int, target: str, headers: str = "") -> asyncio.Task[None]
 
 
 async def _measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, object]:
-    base = f"http://127.0.0.1:{port}/tasks"
+    root = f"http://127.0.0.1:{port}"
+    base = f"{root}/tasks"
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         ids = []
         for _ in range(args.runs):
@@ -94,9 +97,12 @@ async def _measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, o
             drains += await asyncio.gather(*(_open(port, t, h) for t, h in batch))
         opened = sum(d is not None for d in drains)
         await asyncio.sleep(3)
+        counted = (await http.get(f"{root}/__bench__/statements")).json()["all"]
         before, started = _cpu_seconds(pid), time.monotonic()
         await asyncio.sleep(args.seconds)
-        cpu = (_cpu_seconds(pid) - before) / (time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        cpu = (_cpu_seconds(pid) - before) / elapsed
+        counted = (await http.get(f"{root}/__bench__/statements")).json()["all"] - counted
         latencies = []
         for i in range(100):
             t0 = time.perf_counter()
@@ -112,6 +118,7 @@ async def _measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, o
         "streams": args.streams,
         "opened": opened,
         "idle_cpu_percent": round(100 * cpu, 1),
+        "idle_statements_per_second": round(counted / elapsed, 1),
         "get_run_p50_ms": round(statistics.median(latencies), 1),
         "get_run_p95_ms": round(latencies[int(0.95 * len(latencies)) - 1], 1),
     }

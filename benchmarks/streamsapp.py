@@ -5,9 +5,12 @@ environment."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy import event
 
 from fastapi_bgtasks import BgTasks
 
@@ -17,6 +20,7 @@ _caps: dict[str, Any] = {
     if f"BENCH_{name.upper()}" in os.environ
 }
 bg = BgTasks(os.environ.get("BGTASKS_DATABASE_URL"), **_caps)
+statements = {"all": 0}
 
 
 @bg.task
@@ -29,5 +33,26 @@ async def watched() -> None:
     """Submitted and watched by the streams; nothing serves it."""
 
 
-app = FastAPI(lifespan=bg.lifespan)
+def _count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    if "data_version" not in statement:  # the SQLite wake-up watcher's
+        statements["all"] += 1
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The hub's lifespan, with every SQL statement the store sends counted."""
+    async with bg.lifespan(app):
+        assert bg.running is not None
+        db = bg.running.store.db
+        for engine in {id(e): e for e in (db._writer, db._reader) if e is not None}.values():
+            event.listen(engine.sync_engine, "before_cursor_execute", _count)
+        yield
+
+
+app = FastAPI(lifespan=lifespan)
 app.mount("/tasks", bg.app)
+
+
+@app.get("/__bench__/statements")
+def counted() -> dict[str, int]:
+    return statements

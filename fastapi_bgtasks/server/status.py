@@ -127,8 +127,8 @@ async def cancel_run(run_id: uuid.UUID, running: Live) -> RunDocument:
 async def run_events(
     run_id: uuid.UUID, request: Request, denied: OperatorVerdict, hub: Hub, running: Live
 ) -> EventSourceResponse:
-    """Admitted (or refused with 429) before the stream starts; its first
-    event is the run as the shared copy has it, or as read now."""
+    # Admitted (or refused with 429) before the stream starts. Its first
+    # event is the run as its shared copy has it, or as read now.
     settings = hub.settings
     limits = Limits(
         settings.max_streams, settings.max_streams_per_client, settings.max_streams_per_run
