@@ -89,11 +89,16 @@ async def _notifier(running: Running) -> None:
         # NOTIFY; other processes still hear of new runs within milliseconds.
         await anyio.sleep(NOTIFY_WINDOW)
         tasks = sorted({*tasks, *running.wakeups.take_notifications()})
+        failure: object = None
         try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10) as scope:
                 await running.store.notify(tasks)
+            if scope.cancelled_caught:
+                failure = "no answer within 10 s"
         except Exception as exc:
+            failure = exc
+        if failure is not None:
             # Sent again, not dropped: idle feeds elsewhere do not poll.
-            log.warning("NOTIFY failed (%s); retrying", exc)
+            log.warning("NOTIFY failed (%s); retrying", failure)
             running.wakeups.notify_again(tasks)
             await anyio.sleep(0.5)

@@ -259,3 +259,28 @@ async def _idle(proc: Proc, base: str) -> None:
     assert others <= 2 * (elapsed / 5 + 1), (before, after)
     assert reader <= elapsed / 0.5 + 1, (before, after)
     print(f"idle app: {100 * cpu / elapsed:.1f}% of a core, {others + reader} statements")
+
+
+async def test_a_stream_sees_a_change_made_through_another_app_process(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A cancel through app 2 names no run to app 1 (on PostgreSQL it sends
+    no notification at all): app 1's reader still re-reads within
+    `poll_seconds`."""
+    env = {"BGTASKS_TEST_POLL": "0.2"}
+    one, base1 = start_app(db_url, tmp_path, module=APP, name="one", **env)
+    try:
+        two, base2 = start_app(db_url, tmp_path, module=APP, name="two", **env)
+        try:
+            async with _http(base1) as http, _http(base2) as other, AsyncExitStack() as stack:
+                run_id = await _submit(http)
+                (stream,) = await _streams(stack, _port(base1), run_id, 1)
+                response = await other.post(f"/tasks/runs/{run_id}/cancel")
+                assert response.status_code == 200, response.text
+                name, document = await stream.event()
+                assert (name, document["state"]) == ("state", "CANCELLED")
+                assert (await stream.event())[0] == "end"
+        finally:
+            two.stop()
+    finally:
+        one.stop()
