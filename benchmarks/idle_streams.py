@@ -3,13 +3,17 @@ run event streams on runs that do not change.
 
     python -m benchmarks.idle_streams [--backend sqlite|postgres] [--feeds 256]
                                       [--streams 1000] [--runs 100] [--seconds 10]
+                                      [--gets 100] [--batch 0]
 
 Starts uvicorn serving `benchmarks.streamsapp`, submits `--runs` runs nothing
 serves, opens the feeds and streams over raw sockets, lets them settle, then
 measures the app process's CPU time and the SQL statements its store sends
 (the SQLite wake-up watcher's `PRAGMA data_version` left out) over
 `--seconds`, then the latency of
-`GET /runs/{id}` (p50, p95 of 100 sequential reads). Prints one JSON line.
+`GET /runs/{id}` (p50, p95 of `--gets` sequential reads), then, with
+`--batch N`, how long one worker (concurrency 8) takes to run N no-op runs
+submitted at once (first `created_at` to last `finished_at`) while those
+connections stay open. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from tests.harness.procs import start_app
+from tests.harness.procs import start_app, start_worker
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -103,11 +108,12 @@ async def _measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, o
         elapsed = time.monotonic() - started
         cpu = (_cpu_seconds(pid) - before) / elapsed
         counted = (await http.get(f"{root}/__bench__/statements")).json()["all"] - counted
-        latencies = []
-        for i in range(100):
+        latencies = [0.0]
+        for i in range(args.gets):
             t0 = time.perf_counter()
             (await http.get(f"/runs/{ids[i % len(ids)]}")).raise_for_status()
             latencies.append(1000 * (time.perf_counter() - t0))
+        batch = await _batch(http, args.batch) if args.batch else None
         for d in drains:
             if d is not None:
                 d.cancel()
@@ -121,7 +127,27 @@ async def _measure(pid: int, port: int, args: argparse.Namespace) -> dict[str, o
         "idle_statements_per_second": round(counted / elapsed, 1),
         "get_run_p50_ms": round(statistics.median(latencies), 1),
         "get_run_p95_ms": round(latencies[int(0.95 * len(latencies)) - 1], 1),
+        "batch": args.batch,
+        "batch_seconds": batch,
     }
+
+
+async def _batch(http: httpx.AsyncClient, count: int) -> float:
+    """Submit `count` runs of `work` at once; seconds from the first one's
+    `created_at` to the last one's `finished_at` (the store's times)."""
+    calls = [{"args": []} for _ in range(count)]
+    response = await http.post("/runs/batch", json={"task": "work", "calls": calls})
+    response.raise_for_status()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        page = await http.get("/runs", params={"task": "work", "limit": count})
+        runs = page.json()["runs"]
+        if len(runs) == count and all(r["state"] == "COMPLETED" for r in runs):
+            first = min(datetime.fromisoformat(r["created_at"]) for r in runs)
+            last = max(datetime.fromisoformat(r["finished_at"]) for r in runs)
+            return round((last - first).total_seconds(), 2)
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"the batch of {count} runs did not finish in 600 s")
 
 
 def main() -> None:
@@ -131,6 +157,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--gets", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -140,16 +168,30 @@ def main() -> None:
         if os.environ.get("BENCH_CAPS") == "1":
             env["BENCH_MAX_STREAMS_PER_CLIENT"] = str(args.streams + 10)
             env["BENCH_MAX_STREAMS_PER_RUN"] = str(args.streams + 10)
+        database = _database(args.backend, Path(tmp))
         app, base = start_app(
-            _database(args.backend, Path(tmp)),
+            database,
             Path(tmp),
             module="benchmarks.streamsapp:app",
             **env,
         )
+        worker = None
         try:
+            if args.batch:
+                worker = start_worker(
+                    f"{base}/tasks",
+                    database,
+                    Path(tmp),
+                    "--task",
+                    "work",
+                    modules=("benchmarks.streamsapp",),
+                    concurrency=8,
+                )
             port = int(base.rsplit(":", 1)[1])
             result = asyncio.run(_measure(app.pid, port, args))
         finally:
+            if worker is not None:
+                worker.stop()
             app.stop()
     json.dump(result, sys.stdout)
     print()

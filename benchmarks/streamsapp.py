@@ -33,6 +33,11 @@ async def watched() -> None:
     """Submitted and watched by the streams; nothing serves it."""
 
 
+@bg.task
+async def work() -> None:
+    """The batch (`--batch`), served by one real worker."""
+
+
 def _count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
     if "data_version" not in statement:  # the SQLite wake-up watcher's
         statements["all"] += 1
