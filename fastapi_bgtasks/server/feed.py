@@ -89,8 +89,8 @@ async def _deliveries(
             if time.monotonic() >= deadline or worker_id in wakeups.lost_workers:
                 break
             # Taken before the claim, so a change during it still wakes us.
-            events = [wakeups.runs_event(), wakeups.worker_event(worker_id), shutdown]
-            events.append(running.closing)
+            events = [*wakeups.runs_events(tasks), wakeups.worker_event(worker_id)]
+            events += [shutdown, running.closing]
             try:
                 # Stamped before the claim: the lease cannot be older than this.
                 leased_at = time.monotonic()

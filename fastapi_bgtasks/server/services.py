@@ -68,8 +68,8 @@ def _mark_lost(running: Running, workers: set[str]) -> None:
 
 
 async def _watcher(running: Running) -> None:
-    def on_change(_task: str | None) -> None:
-        running.wakeups.runs_added(None, local=False)
+    def on_change(tasks: str | None) -> None:
+        running.wakeups.runs_added_elsewhere(tasks)
         running.wakeups.runs_changed_elsewhere()
 
     while True:

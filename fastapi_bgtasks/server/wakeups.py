@@ -6,7 +6,7 @@ polling the store; a change to a run wakes only the streams on that run.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import anyio
 
@@ -18,6 +18,8 @@ __all__ = ["ANY_TASK", "NOTIFY_WINDOW", "Wakeups", "wait_any"]
 # The NOTIFY payload for "some task": feeds in other processes re-claim for all.
 ANY_TASK = "*"
 NOTIFY_WINDOW = 0.005
+# A feed serving more tasks than this wakes for new runs of any task.
+_FEW_TASKS = 8
 
 
 class Wakeups:
@@ -27,7 +29,11 @@ class Wakeups:
     runs go to `watched`, the event streams' shared copies, by run id."""
 
     def __init__(self) -> None:
+        # Runs of any task became due (a rescue, a retry, another process's
+        # write); runs of one task (a submit): only its feeds wake.
         self._runs = anyio.Event()
+        self._by_task: dict[str, anyio.Event] = {}
+        self._some = anyio.Event()
         self.watched = RunWatchers()
         self._workers: dict[str, anyio.Event] = {}
         self._to_notify: set[str] = set()
@@ -36,8 +42,25 @@ class Wakeups:
         # (a half-open link would otherwise keep leasing runs into the void).
         self.lost_workers: set[str] = set()
 
-    def runs_event(self) -> anyio.Event:
-        return self._runs
+    def runs_events(self, tasks: Sequence[str]) -> list[anyio.Event]:
+        """What a feed serving `tasks` waits on for new runs."""
+        if len(tasks) > _FEW_TASKS:
+            return [self._runs, self._some]
+        events = [self._runs]
+        for task in tasks:
+            event = self._by_task.get(task)
+            if event is None:
+                if len(self._by_task) >= 10_000:  # names no submit ever came for
+                    self._fire_tasks()
+                event = self._by_task[task] = anyio.Event()
+            events.append(event)
+        return events
+
+    def _fire_tasks(self) -> None:
+        """Wake every feed waiting on one task's event (they wait again)."""
+        events, self._by_task = self._by_task, {}
+        for event in events.values():
+            event.set()
 
     def worker_event(self, worker_id: str) -> anyio.Event:
         event = self._workers.get(worker_id)
@@ -49,12 +72,31 @@ class Wakeups:
         self._workers.pop(worker_id, None)
 
     def runs_added(self, task: str | None, *, local: bool = True) -> None:
-        """Runs became due; `local` ones are also announced to other processes."""
-        self._runs.set()
-        self._runs = anyio.Event()
+        """Runs of `task` (None or ANY_TASK: of any task) became due; `local`
+        ones are also announced to other processes."""
+        if task is None or task == ANY_TASK:
+            self._runs.set()
+            self._runs = anyio.Event()
+        else:
+            event = self._by_task.pop(task, None)
+            if event is not None:
+                event.set()
+            self._some.set()
+            self._some = anyio.Event()
         if local and task is not None:
             self._to_notify.add(task)
             self._notify.set()
+
+    def runs_added_elsewhere(self, tasks: str | None) -> None:
+        """Another process says runs of these tasks (a NOTIFY payload of
+        comma-joined names) became due; None: of some task, which is unknown."""
+        names = tasks.split(",") if tasks else []
+        # A name with a comma of its own cannot be told apart: wake every feed.
+        if not names or any("," in task for task in self._by_task):
+            self.runs_added(None, local=False)
+            return
+        for name in names:
+            self.runs_added(name, local=False)
 
     def worker_freed(self, worker_id: str) -> None:
         event = self._workers.pop(worker_id, None)

@@ -71,6 +71,6 @@ class Store:
         await watch.notify(self.db, tasks)
 
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
-        """Call `on_change(task or None)` whenever another process writes runs;
+        """Call `on_change(tasks or None)` whenever another process writes runs;
         runs until cancelled."""
         await watch.watch(self.db, on_change)

@@ -20,6 +20,14 @@ __all__ = ["notify", "watch"]
 
 log = logging.getLogger("fastapi_bgtasks.store")
 
+# Within NOTIFY's 8,000-byte limit; a payload cut there names some task.
+_PAYLOAD_LIMIT = 7000
+
+
+def _names(payload: str) -> str | None:
+    """The task names a payload carries, or None if it may have been cut."""
+    return payload if len(payload) < _PAYLOAD_LIMIT else None
+
 
 async def notify(db: Database, tasks: Sequence[str]) -> None:
     """Tell other app processes that runs of these tasks are waiting.
@@ -28,14 +36,15 @@ async def notify(db: Database, tasks: Sequence[str]) -> None:
         return
     # Listeners re-claim for every task they serve whatever the payload:
     # one NOTIFY carries the whole coalesced set, within NOTIFY's size limit.
-    payload = ",".join(tasks)[:7000]
+    payload = ",".join(tasks)[:_PAYLOAD_LIMIT]
     statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("payload", payload)))
     async with db.one() as conn:
         await conn.execute(statement)
 
 
 async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
-    """Call `on_change(task or None)` whenever another process writes runs.
+    """Call `on_change(tasks or None)` whenever another process writes runs
+    (`tasks`: a NOTIFY's comma-joined task names, `*` for any).
 
     PostgreSQL: LISTEN on a dedicated connection, re-opened with back-off;
     every (re)connect is followed by `on_change(None)` (a full claim pass).
@@ -64,7 +73,7 @@ async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> No
             lost = anyio.Event()
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             await conn.add_listener(
-                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(payload)
+                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(_names(payload))
             )
             on_change(None)
             backoff.reset()
