@@ -48,8 +48,9 @@ async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
 
     PostgreSQL: LISTEN on a dedicated connection, re-opened with back-off;
     every (re)connect is followed by `on_change(None)` (a full claim pass).
-    SQLite: PRAGMA data_version on the writer connection, which sees only
-    other connections' commits.
+    SQLite: PRAGMA data_version on a dedicated connection; on a change, again
+    on the writer connection, where it moves only for other connections'
+    commits (this process's own writes wake nothing).
     Runs until cancelled.
     """
     if db.is_pg:
@@ -92,25 +93,51 @@ async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> No
 
 
 async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -> None:
-    # Read on the writer, the one connection this process writes with: its
-    # data_version moves only when *another* connection commits. This
-    # process's own writes are announced in-process, by run id, and must
-    # not also wake every feed and every watched run.
-    last = None
+    # Imported here: a process on PostgreSQL never loads SQLite's driver.
+    import aiosqlite
+
+    path = db.url.database or ""
     while True:
-        version = None
+        conn = None
         try:
-            # Shielded and bounded: a statement cancelled mid-way strands
-            # aiosqlite's connection thread.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                async with db.one() as conn:
-                    version = (await conn.exec_driver_sql("PRAGMA data_version")).scalar()
-        except Exception as exc:
-            log.warning("Wake-up watcher cannot read the SQLite file (%s); retrying", exc)
-            last = None
-            await anyio.sleep(1.0)
-            continue
-        if version is not None and last is not None and version != last:
-            on_change(None)
-        last = version
-        await anyio.sleep(0.02)
+            # aiosqlite starts a thread per connection: opening and closing
+            # are shielded so a cancel mid-way cannot strand that thread.
+            with anyio.CancelScope(shield=True):
+                conn = await aiosqlite.connect(path, timeout=30)
+            assert conn is not None
+            last, ours = None, await _writer_version(db)
+            while True:
+                async with conn.execute("PRAGMA data_version") as cursor:
+                    row = await cursor.fetchone()
+                version = row[0] if row else None
+                if last is not None and version != last:
+                    # Someone committed. On the writer, the connection this
+                    # process writes with, data_version moves only for other
+                    # connections' commits: this process's own writes are
+                    # announced in-process, by run id, and wake nothing here.
+                    theirs = await _writer_version(db)
+                    if theirs is None or theirs != ours:
+                        on_change(None)
+                    ours = theirs
+                last = version
+                await anyio.sleep(0.02)
+        except (OSError, aiosqlite.Error) as exc:
+            log.warning("Wake-up watcher lost the SQLite file (%s); retrying", exc)
+        finally:
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
+        await anyio.sleep(1.0)
+
+
+async def _writer_version(db: Database) -> object:
+    """PRAGMA data_version on the writer connection (None if unreadable)."""
+    try:
+        # Shielded and bounded: a statement cancelled mid-way strands
+        # aiosqlite's connection thread.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            async with db.one() as conn:
+                return (await conn.exec_driver_sql("PRAGMA data_version")).scalar()
+    except Exception as exc:
+        log.warning("Wake-up watcher cannot read the writer's data_version (%s)", exc)
+    return None
