@@ -266,7 +266,8 @@ async def _idle(proc: Proc, base: str) -> None:
     assert others <= 2 * (elapsed / 5 + 1), (before, after)
     assert reader <= elapsed / 0.5 + 1, (before, after)
     # CPU time, not wall time: a busy machine slows the app but does not add
-    # to it. About 2-5 % of a core here, against 40 % and more before.
+    # to it. A few per cent of a core here, with hundreds of statements a
+    # second before.
     assert cpu / elapsed < 0.25, f"{100 * cpu / elapsed:.1f}% of a core"
 
 
