@@ -55,6 +55,23 @@ def _database(backend: str, tmp: Path) -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
+def _drop(database: str) -> None:
+    if not database.startswith("postgresql"):
+        return
+    import asyncpg
+
+    name = database.rsplit("/", 1)[1]
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -193,6 +210,7 @@ def main() -> None:
             if worker is not None:
                 worker.stop()
             app.stop()
+            _drop(database)
     json.dump(result, sys.stdout)
     print()
 
