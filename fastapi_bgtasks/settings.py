@@ -41,6 +41,8 @@ class Settings:
     feed_max_seconds: float
     max_feeds: int
     max_streams: int
+    max_streams_per_client: int
+    max_streams_per_run: int
     max_list_limit: int
     max_page_bytes: int
     pool_size: int
@@ -73,7 +75,9 @@ class Settings:
         reaper_seconds: float | None = None,
         feed_max_seconds: float = 300.0,
         max_feeds: int = 256,
-        max_streams: int = 1024,
+        max_streams: int = 256,
+        max_streams_per_client: int = 32,
+        max_streams_per_run: int = 16,
         max_list_limit: int = 500,
         max_page_bytes: int = 4 * MiB,
         pool_size: int = 10,
@@ -88,9 +92,7 @@ class Settings:
         workers, operators = _access(trust_loopback, worker_token, auth)
         body_bytes, args_bytes = _body_limits(max_body_bytes, max_args_bytes)
         return cls(
-            database_url=_text("database_url", database_url)
-            or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
-            or DEFAULT_DATABASE_URL,
+            database_url=_database_url(database_url),
             lease_seconds=lease,
             heartbeat_seconds=heartbeat,
             report_interval=_at_least("report_interval", report_interval, 0.0),
@@ -106,6 +108,8 @@ class Settings:
             feed_max_seconds=_positive("feed_max_seconds", feed_max_seconds),
             max_feeds=_count("max_feeds", max_feeds, 1),
             max_streams=_count("max_streams", max_streams, 1),
+            max_streams_per_client=_count("max_streams_per_client", max_streams_per_client, 1),
+            max_streams_per_run=_count("max_streams_per_run", max_streams_per_run, 1),
             max_list_limit=_count("max_list_limit", max_list_limit, 1),
             max_page_bytes=_count("max_page_bytes", max_page_bytes, 1),
             pool_size=_count("pool_size", pool_size, 1),
@@ -113,6 +117,15 @@ class Settings:
             loopback_operators=operators,
             loopback_hosts=_hosts(loopback_hosts),
         )
+
+
+def _database_url(value: Any) -> str:
+    """The option, else `BGTASKS_DATABASE_URL`, else the embedded SQLite file."""
+    return (
+        _text("database_url", value)
+        or _text("BGTASKS_DATABASE_URL", os.environ.get("BGTASKS_DATABASE_URL"))
+        or DEFAULT_DATABASE_URL
+    )
 
 
 def _heartbeat(lease: float, heartbeat_seconds: Any) -> float:

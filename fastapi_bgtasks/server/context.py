@@ -36,7 +36,6 @@ class Running:
     loop: asyncio.AbstractEventLoop
     closing: anyio.Event = field(default_factory=anyio.Event)
     open_feeds: dict[str, int] = field(default_factory=dict)
-    open_streams: int = 0
     # The tasks the feeds open in this process serve.
     serving: Serving = field(default_factory=Serving)
 

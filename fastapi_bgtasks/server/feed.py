@@ -32,9 +32,10 @@ from ..wire import Hello
 from .access import WORKER
 from .context import Hub, Live
 from .responses import declare
-from .wakeups import wait_any
+from .wakeups import ANY_TASK, wait_any
 
 if TYPE_CHECKING:
+    from ..store import Store
     from .context import Running, ServerHub
 
 __all__ = ["router"]
@@ -87,8 +88,8 @@ async def _deliveries(
             if time.monotonic() >= deadline or worker_id in wakeups.lost_workers:
                 break
             # Taken before the claim, so a change during it still wakes us.
-            events = [wakeups.runs_event(), wakeups.worker_event(worker_id), shutdown]
-            events.append(running.closing)
+            events = [*wakeups.runs_events(tasks), wakeups.worker_event(worker_id)]
+            events += [shutdown, running.closing]
             try:
                 # Stamped before the claim: the lease cannot be older than this.
                 leased_at = time.monotonic()
@@ -106,6 +107,7 @@ async def _deliveries(
                     break
                 if unsent:
                     event = _runs_event(unsent, leased_at)
+                    wakeups.runs_changed(r["id"] for r in unsent)
                     # Handed to the stream, it may reach the worker even if
                     # the write is cut short, and a fresh delivery starts at
                     # once: from here its lease expires, it is never released.
@@ -114,12 +116,11 @@ async def _deliveries(
                     # No second claim now: this one took every due run or
                     # all the credit, and the events taken before it fire
                     # for anything since (new runs, freed credit).
-                timeout = min(hub.settings.poll_seconds, deadline - time.monotonic())
-                due = await store.next_due(tasks)
+                timeout = await _idle_wait(hub, store, tasks, deadline)
             except StoreUnavailable as exc:
                 log.warning("Feed for %s: %s", worker_id, exc)
-                timeout, due = min(hub.settings.poll_seconds, 1.0), None
-            await wait_any(events, _until_due(timeout, due))
+                timeout = min(hub.settings.poll_seconds, 1.0)
+            await wait_any(events, timeout)
         yield ServerSentEvent(data="{}", event="bye")
     finally:
         if unsent:
@@ -142,12 +143,21 @@ def _hello_event(hub: ServerHub, worker_id: str) -> ServerSentEvent:
     return ServerSentEvent(data=hello.model_dump_json(), event="hello")
 
 
-def _until_due(timeout: float, due: datetime | None) -> float:
-    """Sleep no longer than until the earliest waiting run is due."""
-    if due is not None:
+async def _idle_wait(hub: ServerHub, store: Store, tasks: list[str], deadline: float) -> float:
+    """How long to wait for a wake-up after a claim. A due run still
+    waiting (this worker had no credit left, or a concurrent claim held it
+    locked) is claimed again after `poll_seconds`: credit freed by reports
+    on another app process announces nothing here. Otherwise only wake-ups
+    end the wait (new runs, freed credit, a lease expired), or the time the
+    next waiting run falls due: an idle feed sends no statement at all."""
+    due_now, due = await store.waiting(tasks)
+    timeout = deadline - time.monotonic()
+    if due_now:
+        timeout = min(timeout, hub.settings.poll_seconds)
+    elif due is not None:
         wait = (due - datetime.now(UTC)).total_seconds()
-        if wait > 0:
-            timeout = min(timeout, wait)
+        # Not yet due by the store's clock but past by ours: poll, not spin.
+        timeout = min(timeout, wait if wait > 0 else hub.settings.poll_seconds)
     return timeout
 
 
@@ -157,7 +167,9 @@ async def _release_unsent(running: Running, unsent: Sequence[Mapping[str, Any]])
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         try:
             await running.store.release_unsent([(r["id"], r["lease_token"]) for r in unsent])
-            running.wakeups.runs_added(None)
+            # Announced to other app processes too: their idle feeds do not poll.
+            running.wakeups.runs_added(ANY_TASK)
+            running.wakeups.runs_changed(r["id"] for r in unsent)
         except BgTasksError as exc:  # the lease expires instead
             log.warning("Could not release unsent runs: %s", exc)
 

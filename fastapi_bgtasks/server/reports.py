@@ -52,7 +52,7 @@ async def post_reports(batch: ReportBatch, hub: Hub, running: Live) -> ReportOut
     outcomes: list[Any] = [outcome for outcome, _ in applied]
     _log_rejections(batch.worker_id, batch.reports, applied)
     if any(o == "accepted" for o in outcomes):
-        running.wakeups.run_changed()
+        running.wakeups.runs_changed(changed["id"] for _, changed in applied if changed is not None)
         if any(changed is not None and changed["state"] != "RUNNING" for _, changed in applied):
             running.wakeups.worker_freed(batch.worker_id)
         if any(changed is not None and changed["state"] == "SCHEDULED" for _, changed in applied):

@@ -1,6 +1,7 @@
 """The app-side services a running lifespan owns, each in its task group: the
 reaper (expired leases back to SCHEDULED), the wake-up watcher (changes made
-by other processes) and, on PostgreSQL, the coalescing NOTIFY sender.
+by other processes), the event streams' shared reader and, on PostgreSQL,
+the coalescing NOTIFY sender.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ async def run_services(
     async with anyio.create_task_group() as tg:
         tg.start_soon(_reaper, hub, running)
         tg.start_soon(_watcher, running)
+        tg.start_soon(running.wakeups.watched.serve, running.store, hub.settings.poll_seconds)
         if running.store.is_pg:
             tg.start_soon(_notifier, running)
         task_status.started()
@@ -57,7 +59,7 @@ async def _reaper(hub: ServerHub, running: Running) -> None:
                 if worker_id is not None:
                     running.wakeups.worker_lost(worker_id)
             running.wakeups.runs_added(ANY_TASK)
-            running.wakeups.run_changed()
+            running.wakeups.runs_changed(run_id for run_id, _, _ in reaped)
         await anyio.sleep(hub.settings.reaper_seconds)
 
 
@@ -82,9 +84,9 @@ def _mark_lost(running: Running, workers: set[str]) -> None:
 
 
 async def _watcher(running: Running) -> None:
-    def on_change(_task: str | None) -> None:
-        running.wakeups.runs_added(None, local=False)
-        running.wakeups.run_changed()
+    def on_change(tasks: str | None) -> None:
+        running.wakeups.runs_added_elsewhere(tasks)
+        running.wakeups.runs_changed_elsewhere()
 
     while True:
         try:
@@ -103,9 +105,16 @@ async def _notifier(running: Running) -> None:
         # NOTIFY; other processes still hear of new runs within milliseconds.
         await anyio.sleep(NOTIFY_WINDOW)
         tasks = sorted({*tasks, *running.wakeups.take_notifications()})
+        failure: object = None
         try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10) as scope:
                 await running.store.notify(tasks)
+            if scope.cancelled_caught:
+                failure = "no answer within 10 s"
         except Exception as exc:
-            log.warning("NOTIFY failed (%s); other app processes will poll", exc)
+            failure = exc
+        if failure is not None:
+            # Sent again, not dropped: idle feeds elsewhere do not poll.
+            log.warning("NOTIFY failed (%s); retrying", failure)
+            running.wakeups.notify_again(tasks)
             await anyio.sleep(0.5)

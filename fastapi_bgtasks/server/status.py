@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from ..errors import (
     AccessDenied,
@@ -42,6 +43,7 @@ from .access import OPERATOR, OperatorVerdict
 from .context import Hub, Live, Running
 from .responses import declare
 from .wakeups import wait_any
+from .watchers import Limits, Subscription, Watched
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -133,36 +135,57 @@ async def get_history(run_id: uuid.UUID, running: Live) -> RunHistory:
 
 async def cancel_run(run_id: uuid.UUID, running: Live) -> RunDocument:
     row = await running.store.cancel_run(run_id)
-    running.wakeups.run_changed()
+    running.wakeups.runs_changed([run_id])
     return document_from_row(row)
 
 
 async def run_events(
-    run_id: uuid.UUID, denied: OperatorVerdict, hub: Hub, running: Live
+    run_id: uuid.UUID, request: Request, denied: OperatorVerdict, hub: Hub, running: Live
 ) -> EventSourceResponse:
-    full = denied is None
-    first = await _load(running.store, run_id, full)
-    if running.open_streams >= hub.settings.max_streams:
-        raise RateLimited("Too many event streams are open; poll GET /runs/{id} instead.")
-    running.open_streams += 1
+    # Admitted (or refused with 429) before the stream starts. Its first
+    # event is the run as its shared copy has it, or as read now.
+    settings = hub.settings
+    limits = Limits(
+        settings.max_streams, settings.max_streams_per_client, settings.max_streams_per_run
+    )
+    client = request.client.host if request.client else "?"
+    place = running.wakeups.watched.admit(run_id, client, limits)
+    try:
+        watched = running.wakeups.watched.get(run_id)
+        row = watched.row if watched is not None else await running.store.get_run(run_id)
+        if row is None:
+            raise RunNotFound(f"No run has id {run_id}.")
+        watched = place.attach(row)
+    except BaseException:
+        place.release()
+        raise
     shutdown = anyio.Event()
     return EventSourceResponse(
-        _state_events(hub.settings, running, first, full, shutdown),
+        _state_events(settings, running, place, watched, denied is None, shutdown),
         ping=15,
         send_timeout=30,
         shutdown_event=shutdown,
         shutdown_grace_period=1.0,
+        background=BackgroundTask(place.arelease),
     )
 
 
 async def _state_events(
-    settings: Settings, running: Running, first: RunDocument, full: bool, shutdown: anyio.Event
+    settings: Settings,
+    running: Running,
+    place: Subscription,
+    watched: Watched,
+    full: bool,
+    shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
-    document = first
+    """The run's document each time its shared copy changes: no store read
+    of its own, and no waking for other runs."""
     last: tuple[Any, ...] | None = None
     deadline = time.monotonic() + settings.feed_max_seconds
     try:
         while True:
+            changed = watched.changed  # taken before the row: no change is missed
+            document = document_from_row(watched.row, full=full)
             key = (document.state, document.attempt, document.scheduled_at)
             if key != last:
                 last = key
@@ -173,14 +196,9 @@ async def _state_events(
             if shutdown.is_set() or running.closing.is_set() or time.monotonic() > deadline:
                 yield ServerSentEvent(data="{}", event="bye")
                 return
-            changed = running.wakeups.changed_event()
-            await wait_any([changed, shutdown, running.closing], settings.poll_seconds)
-            try:
-                document = await _load(running.store, first.id, full)
-            except StoreUnavailable:
-                continue
+            await wait_any([changed, shutdown, running.closing], deadline - time.monotonic())
     finally:
-        running.open_streams -= 1
+        place.release()
 
 
 def router(max_list_limit: int) -> APIRouter:

@@ -1,6 +1,7 @@
-"""⑥ Status reads, and the feed's two reads: the runs a worker already
-holds (re-sent when its stream reconnects) and when the next waiting run
-falls due. Nothing here writes.
+"""⑥ Status reads (one run, many runs at once for the event streams' shared
+reader, the list, the history), and the feed's two reads: the runs a worker
+already holds (re-sent when its stream reconnects) and what is waiting for
+it (a run already due, and when the next one falls due). Nothing here writes.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class Reads:
             .order_by(runs.c.scheduled_at)
             .limit(1)
         )
+        # The feed's question after each claim, in one round trip: is a run
+        # due that the claim could not take (no credit, or locked by a
+        # concurrent claim), and when does the next one fall due?
+        due_now = sa.exists().where(
+            SCHEDULED,
+            runs.c.scheduled_at <= db.now_param(),
+            runs.c.task.in_(sa.bindparam("tasks", expanding=True)),
+        )
+        self._waiting = sa.select(due_now, self._next_due.scalar_subquery())
 
     async def ping(self) -> None:
         async with self._db.read() as conn:
@@ -86,6 +96,14 @@ class Reads:
         async with self._db.read() as conn:
             row = (await conn.execute(sa.select(runs).where(runs.c.id == run_id))).first()
         return run_row(row) if row is not None else None
+
+    async def get_runs(self, run_ids: Sequence[uuid.UUID]) -> list[RunRow]:
+        """These runs, in one statement (unknown ids are left out)."""
+        if not run_ids:
+            return []
+        query = sa.select(runs).where(runs.c.id.in_(list(run_ids)))
+        async with self._db.read() as conn:
+            return [run_row(r) for r in await conn.execute(query)]
 
     async def list_runs(
         self,
@@ -162,6 +180,17 @@ class Reads:
         )
         async with self._db.read() as conn:
             return [delivery_row(r) for r in await conn.execute(query)]
+
+    async def waiting(self, tasks: Sequence[str]) -> tuple[bool, datetime | None]:
+        """(a run of these tasks is due and still waiting, when the earliest
+        one not yet due becomes due)."""
+        params: dict[str, Any] = {"tasks": list(tasks), **self._db.clock_params()}
+        async with self._db.read() as conn:
+            row = (await conn.execute(self._waiting, params)).one()
+        value = row[1]
+        if isinstance(value, str):  # defensive: SQLite text timestamps
+            value = datetime.fromisoformat(value)
+        return bool(row[0]), utc(value)
 
     async def next_due(self, tasks: Sequence[str]) -> datetime | None:
         """When the earliest run of these tasks not yet due becomes due (runs

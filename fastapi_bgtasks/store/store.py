@@ -48,12 +48,14 @@ class Store:
         self.ping = reads.ping
         self.probe_write = self.db.probe_write
         self.get_run = reads.get_run
+        self.get_runs = reads.get_runs
         self.list_runs = reads.list_runs
         self.page_runs = reads.page_runs
         self.run_history = reads.run_history
         self.leased_to = reads.leased_to
         self.next_due = reads.next_due
         self.overdue = reads.overdue
+        self.waiting = reads.waiting
 
     async def open(self) -> None:
         """Create the engines. Connects lazily: opening cannot fail on a down database."""
@@ -77,6 +79,6 @@ class Store:
         await watch.notify(self.db, tasks)
 
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
-        """Call `on_change(task or None)` whenever another process writes runs;
+        """Call `on_change(tasks or None)` whenever another process writes runs;
         runs until cancelled."""
         await watch.watch(self.db, on_change)

@@ -20,6 +20,14 @@ __all__ = ["notify", "watch"]
 
 log = logging.getLogger("fastapi_bgtasks.store")
 
+# Within NOTIFY's 8,000-byte limit; a payload cut there names some task.
+_PAYLOAD_LIMIT = 7000
+
+
+def _names(payload: str) -> str | None:
+    """The task names a payload carries, or None if it may have been cut."""
+    return payload if len(payload) < _PAYLOAD_LIMIT else None
+
 
 async def notify(db: Database, tasks: Sequence[str]) -> None:
     """Tell other app processes that runs of these tasks are waiting.
@@ -28,18 +36,21 @@ async def notify(db: Database, tasks: Sequence[str]) -> None:
         return
     # Listeners re-claim for every task they serve whatever the payload:
     # one NOTIFY carries the whole coalesced set, within NOTIFY's size limit.
-    payload = ",".join(tasks)[:7000]
+    payload = ",".join(tasks)[:_PAYLOAD_LIMIT]
     statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("payload", payload)))
     async with db.one() as conn:
         await conn.execute(statement)
 
 
 async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
-    """Call `on_change(task or None)` whenever another process writes runs.
+    """Call `on_change(tasks or None)` whenever another process writes runs
+    (`tasks`: a NOTIFY's comma-joined task names, `*` for any).
 
     PostgreSQL: LISTEN on a dedicated connection, re-opened with back-off;
     every (re)connect is followed by `on_change(None)` (a full claim pass).
-    SQLite: PRAGMA data_version on a dedicated connection.
+    SQLite: PRAGMA data_version on a dedicated connection; on a change, again
+    on the writer connection, where it moves only for other connections'
+    commits (this process's own writes wake nothing).
     Runs until cancelled.
     """
     if db.is_pg:
@@ -63,7 +74,7 @@ async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> No
             lost = anyio.Event()
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             await conn.add_listener(
-                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(payload)
+                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(_names(payload))
             )
             on_change(None)
             backoff.reset()
@@ -94,13 +105,20 @@ async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -
             with anyio.CancelScope(shield=True):
                 conn = await aiosqlite.connect(path, timeout=30)
             assert conn is not None
-            last = None
+            last, ours = None, await _writer_version(db)
             while True:
                 async with conn.execute("PRAGMA data_version") as cursor:
                     row = await cursor.fetchone()
                 version = row[0] if row else None
                 if last is not None and version != last:
-                    on_change(None)
+                    # Someone committed. On the writer, the connection this
+                    # process writes with, data_version moves only for other
+                    # connections' commits: this process's own writes are
+                    # announced in-process, by run id, and wake nothing here.
+                    theirs = await _writer_version(db)
+                    if theirs is None or theirs != ours:
+                        on_change(None)
+                    ours = theirs
                 last = version
                 await anyio.sleep(0.02)
         except (OSError, aiosqlite.Error) as exc:
@@ -110,3 +128,16 @@ async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -
                 with anyio.CancelScope(shield=True):
                     await conn.close()
         await anyio.sleep(1.0)
+
+
+async def _writer_version(db: Database) -> object:
+    """PRAGMA data_version on the writer connection (None if unreadable)."""
+    try:
+        # Shielded and bounded: a statement cancelled mid-way strands
+        # aiosqlite's connection thread.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            async with db.one() as conn:
+                return (await conn.exec_driver_sql("PRAGMA data_version")).scalar()
+    except Exception as exc:
+        log.warning("Wake-up watcher cannot read the writer's data_version (%s)", exc)
+    return None

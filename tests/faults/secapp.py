@@ -58,7 +58,7 @@ def hub_state() -> dict[str, Any]:
     return {
         "running": True,
         "open_feeds": sum(running.open_feeds.values()),
-        "open_streams": running.open_streams,
+        "open_streams": running.wakeups.watched.open,
         "checked_out": sum(counts) if counts and None not in counts else None,
         "pool_size": bg.settings.pool_size,
         "max_feeds": bg.settings.max_feeds,

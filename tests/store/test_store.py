@@ -373,6 +373,28 @@ async def test_next_due_is_the_earliest_waiting_run_of_those_tasks(store: Store)
     assert await store.next_due(["nobody"]) is None
 
 
+async def test_waiting_says_whether_a_run_is_due_and_when_the_next_falls_due(
+    store: Store,
+) -> None:
+    assert await store.waiting([TASK]) == (False, None)
+    later = datetime(2031, 1, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    await submit(store, eta=later)
+    assert await store.waiting([TASK]) == (False, later)
+    due = await submit(store, task="other")
+    assert await store.waiting([TASK]) == (False, later)
+    assert await store.waiting(["other", TASK]) == (True, later)
+    await claim(store, tasks=("other",))
+    assert await store.waiting(["other"]) == (False, None)
+    assert (await store.get_run(due["id"]) or {}).get("state") == "PENDING"
+
+
+async def test_get_runs_reads_many_runs_in_one_call_and_skips_unknown_ids(store: Store) -> None:
+    first, second = await submit(store), await submit(store)
+    rows = await store.get_runs([first["id"], uuid.uuid4(), second["id"]])
+    assert sorted(r["id"] for r in rows) == sorted([first["id"], second["id"]])
+    assert await store.get_runs([]) == []
+
+
 async def test_a_claim_takes_only_the_named_tasks(store: Store) -> None:
     mine = await submit(store, task="a")
     also_mine = await submit(store, task="b")
