@@ -48,12 +48,14 @@ from tests import timing
 from tests.faults.checker import (
     all_runs,
     check,
+    close_fenced_at_freeze,
     executions,
     overlapping_runs,
     read_ledgers,
     split_frozen,
     write_ledger,
 )
+from tests.faults.children import ChildWatch
 from tests.faults.pgcluster import PgCluster
 from tests.faults.proxy import TcpProxy
 from tests.faults.test_link_and_db_faults import latency_ms
@@ -127,6 +129,11 @@ class Fleet:
         self.proxy = TcpProxy(self.port("r2"))
         self.spawn("w1")
         self.spawn("w2")
+
+    def live_pids(self) -> list[int]:
+        """The workers not known to be dead (whose children to watch)."""
+        with self.lock:
+            return [i.proc.pid for i in self.incarnations if i.died is None]
 
     def port(self, replica: str) -> int:
         return int(self.replicas[replica][1].rsplit(":", 1)[1])
@@ -459,14 +466,19 @@ class Nemesis(threading.Thread):
 # -- what happened ------------------------------------------------------------
 
 
-def annotated(fleet: Fleet, now: float) -> list[dict[str, Any]]:
+def annotated(fleet: Fleet, watch: ChildWatch, now: float) -> tuple[list[dict[str, Any]], int]:
     """Every ledger line on the monotonic clock, its pid tagged with its
     worker incarnation; an execution with no end closes when its process
-    was killed (or now, if it still runs)."""
+    ended: a worker's own pid when it was killed (or now, if it still
+    runs), a child's (a sync run) when the child was first seen gone (or
+    now). Returns the lines and how many open executions were in a child
+    the watch never saw (closed as the worker's, the longer)."""
     lines: list[dict[str, Any]] = []
+    unseen = 0
     for inc in fleet.incarnations:
         raw = read_ledgers([inc.ledger])
-        closed = {(e["run_id"], e["attempt"], e["pid"]) for e in raw if e["event"] != "start"}
+        ended = ("end", "cancelled")
+        closed = {(e["run_id"], e["attempt"], e["pid"]) for e in raw if e["event"] in ended}
         for e in raw:
             line = {
                 "run_id": e["run_id"],
@@ -477,9 +489,16 @@ def annotated(fleet: Fleet, now: float) -> list[dict[str, Any]]:
                 "t_wall": e["t"],
             }
             if e["event"] == "start" and (e["run_id"], e["attempt"], e["pid"]) not in closed:
-                line["died"] = inc.died if inc.died is not None else now
+                died = inc.died if inc.died is not None else now
+                if e["pid"] != inc.proc.pid:
+                    life = watch.life_of(e["pid"], e["t"])
+                    if life is None:
+                        unseen += 1
+                    else:
+                        died = life.gone if life.gone is not None else now
+                line["died"] = died
             lines.append(line)
-    return lines
+    return lines, unseen
 
 
 def in_flight(fault: Fault, spans: dict[str, list[tuple[float, float, Any]]]) -> set[str]:
@@ -504,13 +523,31 @@ def in_flight(fault: Fault, spans: dict[str, list[tuple[float, float, Any]]]) ->
 def frozen_time_excluded(lines: list[dict[str, Any]], faults: list[Fault]) -> list[dict[str, Any]]:
     """The ledger as if a frozen worker's executions paused while it was
     stopped (a diagnostic; the verdict counts frozen time)."""
-    pids = {line["pid"] for line in lines}
+    renamed: dict[str, str] = {}  # a worker frozen twice: its lines after the first
     for f in faults:
-        if f.kind == "stop":
-            for pid in [p for p in pids if p.startswith(f"{f.incarnation}:")]:
-                lines = split_frozen(lines, pid, f.begin, f.end)
-                pids = (pids - {pid}) | {f"{pid}-resumed"}
+        if f.kind == "stop":  # the worker only: its children were not frozen
+            pid = f"{f.incarnation}:{f.detail['pid']}"
+            lines = split_frozen(lines, renamed.get(pid, pid), f.begin, f.end)
+            renamed[pid] = f"{renamed.get(pid, pid)}-resumed"
     return lines
+
+
+def fenced_at_freeze(
+    lines: list[dict[str, Any]], faults: list[Fault]
+) -> tuple[list[dict[str, Any]], int]:
+    """Each frozen worker's async runs that took no step after it resumed
+    (their only line after the start is their `cancelled`) end at the
+    SIGSTOP (`close_fenced_at_freeze`). Its sync runs execute in children,
+    which were not frozen: their lifetimes close them."""
+    fenced = 0
+    previous: dict[str, float] = {}  # a worker frozen twice: the end of its first freeze
+    for f in sorted((f for f in faults if f.kind == "stop"), key=lambda f: f.begin):
+        pid = f"{f.incarnation}:{f.detail['pid']}"
+        since = previous.get(pid, float("-inf"))
+        lines, closed = close_fenced_at_freeze(lines, pid, f.begin, f.end, since)
+        previous[pid] = f.end
+        fenced += closed
+    return lines, fenced
 
 
 def footprint(proc: Proc) -> dict[str, Any]:
@@ -644,6 +681,7 @@ class Soak:
 
 def overlap_detail(
     overlaps: dict[str, int],
+    lines: list[dict[str, Any]],
     spans: dict[str, list[tuple[float, float, Any]]],
     docs: dict[str, dict[str, Any]],
     faults: list[Fault],
@@ -662,6 +700,12 @@ def overlap_detail(
                 "executions": [
                     [pid, round(start - origin, 3), round(end - origin, 3)]
                     for start, end, pid in runs
+                ],
+                "ledger": [
+                    [e["pid"], e["event"], round(e["t"] - origin, 3)]
+                    + [f"{k} {round(e[k] - origin, 3)}" for k in ("died", "until") if k in e]
+                    for e in lines
+                    if e["run_id"] == run_id
                 ],
                 "faults": [
                     [f.kind, f.target, round(f.begin - origin, 3), round(f.end - origin, 3)]
@@ -760,9 +804,11 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
     seed = int(os.environ.get("BGTASKS_SOAK_SEED") or random.SystemRandom().randrange(2**31))
     print(f"\nR12 soak on {backend}: seed {seed} (set BGTASKS_SOAK_SEED={seed} to replay)")
     fleet = Fleet(db_url, tmp_path)
+    watch = ChildWatch(fleet.live_pids)
     nemesis: Nemesis | None = None
     try:
         fleet.start()
+        watch.start()
         reader = Reader(fleet)
         soak = Soak(fleet, reader)
         nemesis = Nemesis(fleet, Reader(fleet), random.Random(seed), pg)
@@ -799,12 +845,16 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
         }
 
         now = time.monotonic()
-        lines = annotated(fleet, now)
+        watch.halt.set()
+        watch.join(10)
+        raw, unseen = annotated(fleet, watch, now)
+        lines, fenced = fenced_at_freeze(raw, nemesis.faults)
         base = fleet.bases()[0]
         docs = {r["id"]: r for r in all_runs(base)}
         spans = executions(lines)
         overlaps = overlapping_runs(lines)
-        excluded = overlapping_runs(frozen_time_excluded(lines, nemesis.faults))
+        whole_freeze = overlapping_runs(raw)
+        excluded = overlapping_runs(frozen_time_excluded(raw, nemesis.faults))
         faults, hit = fault_figures(nemesis.faults, spans, origin)
         latency = wave_figures(soak, docs, nemesis.faults)
         again = {r for r, runs in spans.items() if len(runs) > 1}
@@ -822,8 +872,14 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
                 "overlaps_all_pairs": sum(overlaps.values()),
                 "overlaps_by_task": dict(Counter(docs[r]["task"] for r in overlaps)),
                 "overlaps_frozen_time_excluded": sum(excluded.values()),
+                "overlaps_if_fenced_runs_ran_through_the_freeze": sum(whole_freeze.values()),
+                "async_runs_fenced_at_the_freeze": fenced,
+                "child_executions_unseen_by_the_watch": unseen,
+                "child_watch_longest_gap_s": round(watch.longest_gap, 3),
                 "overlap_ids": sorted(overlaps)[:20],
-                "overlap_detail": overlap_detail(overlaps, spans, docs, nemesis.faults, origin),
+                "overlap_detail": overlap_detail(
+                    overlaps, lines, spans, docs, nemesis.faults, origin
+                ),
                 "re_execution_bound": sum(f["in_flight"] for f in faults),
                 "re_executions_not_hit_by_a_fault": sorted(again - hit)[:20],
                 "still_open_after_final_drain_s": None if final is not None else 60,
@@ -850,6 +906,7 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
         if nemesis is not None:
             nemesis.halt.set()
             nemesis.join(60)
+        watch.halt.set()
         fleet.close()
 
     violations: list[str] = list(report["problems"])
