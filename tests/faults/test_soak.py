@@ -12,13 +12,24 @@ private cluster (never the machine's server). A stop or a cut waits until a
 50 ms run is executing on its worker, so it lands mid-execution.
 `BGTASKS_SOAK_SCALE` scales the waves.
 
-Every execution is in its worker's ledger with monotonic and wall times. An
-execution lasts from its start line to its end (or cancelled) line, or to
-the moment its process was killed: a SIGSTOPped worker's executions span the
-time it was frozen. Checked: lost, duplicate completions, unexpected and
-concurrent overlaps are 0; re-executions are at most the runs in flight on
-the workers a fault hit; the never-restarted replica's RSS and open fds are
-back within 10 % of their warm baseline. Throughput and latency percentiles
+Every execution is in its worker's ledger with monotonic and wall times,
+written by the process that executes it: the worker for an async run, the
+worker's child process for a sync run. An execution lasts from its start
+line to its end (or cancelled) line; with neither, until its process ended:
+the worker's SIGKILL for the worker's own pid, for a child the moment a
+sampler (`ChildWatch`, every 50 ms) first saw it gone (exited, or a zombie),
+else the end of the soak. A SIGSTOPped worker cannot stop itself while
+frozen; what it must do is take no step once it resumes. So an async run
+on a frozen worker whose only line after its start is its `cancelled`,
+written after the resume (its cancellation handler ran, nothing else),
+ends at the SIGSTOP; any other line after the resume (an `end`) means it
+took a step, and its execution spans the whole freeze. (Its sync runs'
+children are not frozen: their lifetimes close them.)
+
+Checked: lost, duplicate completions, unexpected and concurrent overlaps
+are 0; re-executions are at most the runs in flight on the workers a fault
+hit; the never-restarted replica's RSS and open fds are back within 10 % of
+their warm baseline. Throughput and latency percentiles
 are printed and written to `<tmp>/R12-soak-report.json` and the checker's
 artifact.
 """
@@ -522,7 +533,8 @@ def in_flight(fault: Fault, spans: dict[str, list[tuple[float, float, Any]]]) ->
 
 def frozen_time_excluded(lines: list[dict[str, Any]], faults: list[Fault]) -> list[dict[str, Any]]:
     """The ledger as if a frozen worker's executions paused while it was
-    stopped (a diagnostic; the verdict counts frozen time)."""
+    stopped, whatever they did after the resume (a diagnostic; the verdict
+    is `fenced_at_freeze`'s)."""
     renamed: dict[str, str] = {}  # a worker frozen twice: its lines after the first
     for f in faults:
         if f.kind == "stop":  # the worker only: its children were not frozen
@@ -796,8 +808,9 @@ def summary_table(report: dict[str, Any]) -> str:
 @pytest.mark.timeout(SOAK_SECONDS + 330)
 def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path: Path) -> None:
     """Waves of runs drain after each wave under a seeded nemesis; no run is
-    lost, completed twice or executed twice at once (a frozen worker's runs
-    count as executing while it is frozen); re-executions stay within the
+    lost, completed twice or executed twice at once (a frozen worker's run
+    counts as executing while it is frozen unless it took no step after the
+    resume); re-executions stay within the
     runs the faults hit; the app's memory and fds come back."""
     db_url, pg = soak_db
     backend = "postgres" if pg else "sqlite"
