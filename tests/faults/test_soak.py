@@ -1,16 +1,17 @@
 """R12 (RELIABILITY.md): a soak of load waves under a nemesis, over two app
 replicas on one database and two workers, on SQLite and PostgreSQL.
 
-Waves of 1, 500 and 2,000 tiny runs and then 200 runs of 50 ms, half async
-and half sync, repeat for `BGTASKS_SOAK_SECONDS` (120 s) after one quiet
-warm-up cycle; after each wave nothing may be queued or running by its
-deadline. Meanwhile a seeded nemesis (`BGTASKS_SOAK_SEED`, printed) SIGKILLs
-a worker and restarts it every 20 s, and between kills does one of: SIGSTOP a
-worker past its lease then SIGCONT it, blackhole the proxy on a worker's link
-for 5 s, restart an app replica, and on PostgreSQL one fast restart of the
-private cluster (never the machine's server). A stop or a cut waits until a
-50 ms run is executing on its worker, so it lands mid-execution.
-`BGTASKS_SOAK_SCALE` scales the waves.
+Waves of 1, 500 and 2,000 tiny runs, then 200 runs of 50 ms and 8 runs of
+1.5 leases (3 s), half async and half sync, repeat for
+`BGTASKS_SOAK_SECONDS` (120 s) after one quiet warm-up cycle; after each
+wave nothing may be queued or running by its deadline. Meanwhile a seeded
+nemesis (`BGTASKS_SOAK_SEED`, printed) SIGKILLs a worker and restarts it
+every 20 s, and between kills does one of: SIGSTOP a worker past its lease
+then SIGCONT it, blackhole the proxy on a worker's link for 5 s, restart an
+app replica, and on PostgreSQL one fast restart of the private cluster
+(never the machine's server). A stop or a cut waits until a run is
+executing on its worker with 20 ms or more to go, so it lands
+mid-execution. `BGTASKS_SOAK_SCALE` scales the waves.
 
 Every execution is in its worker's ledger with monotonic and wall times,
 written by the process that executes it: the worker for an async run, the
@@ -75,7 +76,12 @@ from tests.harness.procs import Proc, start_app, start_worker
 LEASE = timing.LEASE_SECONDS
 SOAK_SECONDS = float(os.environ.get("BGTASKS_SOAK_SECONDS", "120"))
 SCALE = float(os.environ.get("BGTASKS_SOAK_SCALE", "1"))
-WAVES = [(max(1, round(n * SCALE)), s) for n, s in ((1, 0.0), (500, 0.0), (2000, 0.0), (200, 0.05))]
+# The last wave outlives the lease: a fault that lands on it stops runs
+# mid-execution (a sync run's process killed by its watchdog or its worker).
+WAVES = [
+    (max(1, round(n * SCALE)), s)
+    for n, s in ((1, 0.0), (500, 0.0), (2000, 0.0), (200, 0.05), (8, 1.5 * LEASE))
+]
 KILL_EVERY = 20.0
 CUT_SECONDS = 5.0
 IDLE_SECONDS = 6.0
@@ -409,8 +415,8 @@ class Nemesis(threading.Thread):
         return {r["id"] for r in runs if worker_pid(r) in pids}
 
     def wait_executing(self, slot: str, timeout: float) -> bool:
-        """Wait (bounded) until the slot's worker is executing a 50 ms run
-        with 20 ms to go, as its ledger shows, so that a stop or a cut lands
+        """Wait (bounded) until the slot's worker is executing a run with
+        20 ms to go, as its ledger shows, so that a stop or a cut lands
         mid-execution."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -477,15 +483,18 @@ class Nemesis(threading.Thread):
 # -- what happened ------------------------------------------------------------
 
 
-def annotated(fleet: Fleet, watch: ChildWatch, now: float) -> tuple[list[dict[str, Any]], int]:
+def annotated(
+    fleet: Fleet, watch: ChildWatch, now: float
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every ledger line on the monotonic clock, its pid tagged with its
     worker incarnation; an execution with no end closes when its process
     ended: a worker's own pid when it was killed (or now, if it still
     runs), a child's (a sync run) when the child was first seen gone (or
-    now). Returns the lines and how many open executions were in a child
-    the watch never saw (closed as the worker's, the longer)."""
+    now). Returns the lines and counts of open executions: in a child the
+    watch closed, and in a child it never saw (closed as the worker's, the
+    longer)."""
     lines: list[dict[str, Any]] = []
-    unseen = 0
+    counts = {"child_executions_closed_by_the_watch": 0, "child_executions_unseen": 0}
     for inc in fleet.incarnations:
         raw = read_ledgers([inc.ledger])
         ended = ("end", "cancelled")
@@ -504,12 +513,13 @@ def annotated(fleet: Fleet, watch: ChildWatch, now: float) -> tuple[list[dict[st
                 if e["pid"] != inc.proc.pid:
                     life = watch.life_of(e["pid"], e["t"])
                     if life is None:
-                        unseen += 1
+                        counts["child_executions_unseen"] += 1
                     else:
+                        counts["child_executions_closed_by_the_watch"] += 1
                         died = life.gone if life.gone is not None else now
                 line["died"] = died
             lines.append(line)
-    return lines, unseen
+    return lines, counts
 
 
 def in_flight(fault: Fault, spans: dict[str, list[tuple[float, float, Any]]]) -> set[str]:
@@ -797,6 +807,8 @@ def summary_table(report: dict[str, Any]) -> str:
     keys = (
         "lost", "duplicate_completions", "unexpected", "concurrent_overlaps",
         "overlaps_all_pairs", "overlaps_by_task", "overlaps_frozen_time_excluded",
+        "overlaps_if_fenced_runs_ran_through_the_freeze", "async_runs_fenced_at_the_freeze",
+        "child_executions_closed_by_the_watch", "child_executions_unseen",
         "re_executions", "re_execution_bound", "stale_reports_rejected",
     )  # fmt: skip
     lines.append("  ".join(f"{k}={report['figures'].get(k)}" for k in keys))
@@ -860,7 +872,7 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
         now = time.monotonic()
         watch.halt.set()
         watch.join(10)
-        raw, unseen = annotated(fleet, watch, now)
+        raw, children = annotated(fleet, watch, now)
         lines, fenced = fenced_at_freeze(raw, nemesis.faults)
         base = fleet.bases()[0]
         docs = {r["id"]: r for r in all_runs(base)}
@@ -887,7 +899,7 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
                 "overlaps_frozen_time_excluded": sum(excluded.values()),
                 "overlaps_if_fenced_runs_ran_through_the_freeze": sum(whole_freeze.values()),
                 "async_runs_fenced_at_the_freeze": fenced,
-                "child_executions_unseen_by_the_watch": unseen,
+                **children,
                 "child_watch_longest_gap_s": round(watch.longest_gap, 3),
                 "overlap_ids": sorted(overlaps)[:20],
                 "overlap_detail": overlap_detail(
