@@ -4,9 +4,10 @@ history) and what the workers did (ledgers) into the figures we publish.
 
 `check(...)` writes artifacts/faults/<scenario>.json and returns the figures;
 the scenario then asserts lost, duplicate completions and overlaps are 0.
-`executions`, `overlapping_runs` and `split_frozen` work on ledger lines
-(possibly annotated: open executions closed at a `died` time, times rebased
-onto one clock) for figures beyond `check`'s.
+`executions`, `overlapping_runs`, `split_frozen` and `close_fenced_at_freeze`
+work on ledger lines (possibly annotated: open executions closed at a `died`
+time, an `until` time fixed by the scenario, times rebased onto one clock)
+for figures beyond `check`'s; `check` reads executions the same way.
 """
 
 from __future__ import annotations
@@ -105,22 +106,12 @@ def check(
 
     overlaps = 0
     re_executions = 0
+    spans = executions(entries)
     for events in by_run.values():
-        starts = [e for e in events if e["event"] == "start"]
-        re_executions += len(starts) > 1
-        intervals = []
-        for start in starts:
-            ends = [
-                e["t"]
-                for e in events
-                if e["event"] in ("end", "cancelled")
-                and e["attempt"] == start["attempt"]
-                and e["pid"] == start["pid"]
-            ]
-            # No end: the process died; it ran until at most its death.
-            intervals.append((start["t"], min(ends) if ends else start.get("died", start["t"])))
-        intervals.sort()
-        for (_, end_a), (start_b, _) in itertools.pairwise(intervals):
+        re_executions += sum(e["event"] == "start" for e in events) > 1
+    for intervals in spans.values():
+        ordered = sorted((start, end) for start, end, _ in intervals)
+        for (_, end_a), (start_b, _) in itertools.pairwise(ordered):
             overlaps += start_b < end_a
 
     failures = Counter(
@@ -149,18 +140,20 @@ def check(
 
 def executions(lines: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, Any]]]:
     """Each run's executions as (start, end, pid). An execution is a `start`
-    line; it ends at the `end` or `cancelled` line of the same run, attempt
-    and pid, else at the start's `died` time (its process was killed), else
-    at its start."""
+    line; it ends at its `until` time when the scenario fixed one (a frozen
+    worker's fenced run: see `close_fenced_at_freeze`), else at the first
+    `end` or `cancelled` line of the same run, attempt and pid (a `tick` is a
+    side effect, not an end), else at the start's `died` time (its process
+    was killed, or was last seen alive), else at its start."""
     ends: dict[tuple[str, int, Any], list[float]] = defaultdict(list)
     for e in lines:
-        if e["event"] != "start":
+        if e["event"] in ("end", "cancelled"):
             ends[(e["run_id"], e["attempt"], e["pid"])].append(e["t"])
     found: dict[str, list[tuple[float, float, Any]]] = defaultdict(list)
     for e in lines:
         if e["event"] == "start":
             closed = ends.get((e["run_id"], e["attempt"], e["pid"]))
-            end = min(closed) if closed else e.get("died", e["t"])
+            end = e["until"] if "until" in e else min(closed) if closed else e.get("died", e["t"])
             found[e["run_id"]].append((e["t"], end, e["pid"]))
     return found
 
@@ -209,3 +202,35 @@ def split_frozen(
         else:
             out.append(e)
     return out
+
+
+def close_fenced_at_freeze(
+    lines: list[dict[str, Any]],
+    pid: Any,
+    stopped: float,
+    resumed: float,
+    since: float = float("-inf"),
+) -> tuple[list[dict[str, Any]], int]:
+    """A frozen process cannot stop itself; what it can do is take no step
+    once it resumes. An execution of `pid` that began before the freeze and
+    whose only line after the start is one `cancelled` written after the
+    resume (its cancellation handler) ends at the freeze (`until`). Any
+    other line after the resume (a tick, an `end`) is a step taken, and the
+    execution keeps its whole frozen span. Only executions started at or
+    after `since` are considered (a process frozen twice: the end of its
+    previous freeze). Returns the lines and how many executions were closed
+    at the freeze."""
+    after: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for e in lines:
+        if e["pid"] == pid and e["event"] != "start":
+            after[(e["run_id"], e["attempt"])].append(e)
+    out: list[dict[str, Any]] = []
+    closed = 0
+    for e in lines:
+        if e["pid"] == pid and e["event"] == "start" and since <= e["t"] < stopped:
+            rest = after.get((e["run_id"], e["attempt"]), [])
+            if [x["event"] for x in rest] == ["cancelled"] and rest[0]["t"] >= resumed:
+                e = {**e, "until": stopped}
+                closed += 1
+        out.append(e)
+    return out, closed

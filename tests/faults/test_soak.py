@@ -1,24 +1,36 @@
 """R12 (RELIABILITY.md): a soak of load waves under a nemesis, over two app
 replicas on one database and two workers, on SQLite and PostgreSQL.
 
-Waves of 1, 500 and 2,000 tiny runs and then 200 runs of 50 ms, half async
-and half sync, repeat for `BGTASKS_SOAK_SECONDS` (120 s) after one quiet
-warm-up cycle; after each wave nothing may be queued or running by its
-deadline. Meanwhile a seeded nemesis (`BGTASKS_SOAK_SEED`, printed) SIGKILLs
-a worker and restarts it every 20 s, and between kills does one of: SIGSTOP a
-worker past its lease then SIGCONT it, blackhole the proxy on a worker's link
-for 5 s, restart an app replica, and on PostgreSQL one fast restart of the
-private cluster (never the machine's server). A stop or a cut waits until a
-50 ms run is executing on its worker, so it lands mid-execution.
-`BGTASKS_SOAK_SCALE` scales the waves.
+Waves of 1, 500 and 2,000 tiny runs, then 200 runs of 50 ms and 8 runs of
+1.5 leases (3 s), half async and half sync, repeat for
+`BGTASKS_SOAK_SECONDS` (120 s) after one quiet warm-up cycle; after each
+wave nothing may be queued or running by its deadline. Meanwhile a seeded
+nemesis (`BGTASKS_SOAK_SEED`, printed) SIGKILLs a worker and restarts it
+every 20 s, and between kills does one of: SIGSTOP a worker past its lease
+then SIGCONT it, blackhole the proxy on a worker's link for 5 s, restart an
+app replica, and on PostgreSQL one fast restart of the private cluster
+(never the machine's server). A stop or a cut waits until a run is
+executing on its worker with 20 ms or more to go, so it lands
+mid-execution. `BGTASKS_SOAK_SCALE` scales the waves.
 
-Every execution is in its worker's ledger with monotonic and wall times. An
-execution lasts from its start line to its end (or cancelled) line, or to
-the moment its process was killed: a SIGSTOPped worker's executions span the
-time it was frozen. Checked: lost, duplicate completions, unexpected and
-concurrent overlaps are 0; re-executions are at most the runs in flight on
-the workers a fault hit; the never-restarted replica's RSS and open fds are
-back within 10 % of their warm baseline. Throughput and latency percentiles
+Every execution is in its worker's ledger with monotonic and wall times,
+written by the process that executes it: the worker for an async run, the
+worker's child process for a sync run. An execution lasts from its start
+line to its end (or cancelled) line; with neither, until its process ended:
+the worker's SIGKILL for the worker's own pid, for a child the moment a
+sampler (`ChildWatch`, every 50 ms) first saw it gone (exited, or a zombie),
+else the end of the soak. A SIGSTOPped worker cannot stop itself while
+frozen; what it must do is take no step once it resumes. So an async run
+on a frozen worker whose only line after its start is its `cancelled`,
+written after the resume (its cancellation handler ran, nothing else),
+ends at the SIGSTOP; any other line after the resume (an `end`) means it
+took a step, and its execution spans the whole freeze. (Its sync runs'
+children are not frozen: their lifetimes close them.)
+
+Checked: lost, duplicate completions, unexpected and concurrent overlaps
+are 0; re-executions are at most the runs in flight on the workers a fault
+hit; the never-restarted replica's RSS and open fds are back within 10 % of
+their warm baseline. Throughput and latency percentiles
 are printed and written to `<tmp>/R12-soak-report.json` and the checker's
 artifact.
 """
@@ -48,12 +60,14 @@ from tests import timing
 from tests.faults.checker import (
     all_runs,
     check,
+    close_fenced_at_freeze,
     executions,
     overlapping_runs,
     read_ledgers,
     split_frozen,
     write_ledger,
 )
+from tests.faults.children import ChildWatch
 from tests.faults.pgcluster import PgCluster
 from tests.faults.proxy import TcpProxy
 from tests.faults.test_link_and_db_faults import latency_ms
@@ -62,7 +76,12 @@ from tests.harness.procs import Proc, start_app, start_worker
 LEASE = timing.LEASE_SECONDS
 SOAK_SECONDS = float(os.environ.get("BGTASKS_SOAK_SECONDS", "120"))
 SCALE = float(os.environ.get("BGTASKS_SOAK_SCALE", "1"))
-WAVES = [(max(1, round(n * SCALE)), s) for n, s in ((1, 0.0), (500, 0.0), (2000, 0.0), (200, 0.05))]
+# The last wave outlives the lease: a fault that lands on it stops runs
+# mid-execution (a sync run's process killed by its watchdog or its worker).
+WAVES = [
+    (max(1, round(n * SCALE)), s)
+    for n, s in ((1, 0.0), (500, 0.0), (2000, 0.0), (200, 0.05), (8, 1.5 * LEASE))
+]
 KILL_EVERY = 20.0
 CUT_SECONDS = 5.0
 IDLE_SECONDS = 6.0
@@ -127,6 +146,11 @@ class Fleet:
         self.proxy = TcpProxy(self.port("r2"))
         self.spawn("w1")
         self.spawn("w2")
+
+    def live_pids(self) -> list[int]:
+        """The workers not known to be dead (whose children to watch)."""
+        with self.lock:
+            return [i.proc.pid for i in self.incarnations if i.died is None]
 
     def port(self, replica: str) -> int:
         return int(self.replicas[replica][1].rsplit(":", 1)[1])
@@ -391,8 +415,8 @@ class Nemesis(threading.Thread):
         return {r["id"] for r in runs if worker_pid(r) in pids}
 
     def wait_executing(self, slot: str, timeout: float) -> bool:
-        """Wait (bounded) until the slot's worker is executing a 50 ms run
-        with 20 ms to go, as its ledger shows, so that a stop or a cut lands
+        """Wait (bounded) until the slot's worker is executing a run with
+        20 ms to go, as its ledger shows, so that a stop or a cut lands
         mid-execution."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -459,14 +483,22 @@ class Nemesis(threading.Thread):
 # -- what happened ------------------------------------------------------------
 
 
-def annotated(fleet: Fleet, now: float) -> list[dict[str, Any]]:
+def annotated(
+    fleet: Fleet, watch: ChildWatch, now: float
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every ledger line on the monotonic clock, its pid tagged with its
     worker incarnation; an execution with no end closes when its process
-    was killed (or now, if it still runs)."""
+    ended: a worker's own pid when it was killed (or now, if it still
+    runs), a child's (a sync run) when the child was first seen gone (or
+    now). Returns the lines and counts of open executions: in a child the
+    watch closed, and in a child it never saw (closed as the worker's, the
+    longer)."""
     lines: list[dict[str, Any]] = []
+    counts = {"child_executions_closed_by_the_watch": 0, "child_executions_unseen": 0}
     for inc in fleet.incarnations:
         raw = read_ledgers([inc.ledger])
-        closed = {(e["run_id"], e["attempt"], e["pid"]) for e in raw if e["event"] != "start"}
+        ended = ("end", "cancelled")
+        closed = {(e["run_id"], e["attempt"], e["pid"]) for e in raw if e["event"] in ended}
         for e in raw:
             line = {
                 "run_id": e["run_id"],
@@ -477,9 +509,17 @@ def annotated(fleet: Fleet, now: float) -> list[dict[str, Any]]:
                 "t_wall": e["t"],
             }
             if e["event"] == "start" and (e["run_id"], e["attempt"], e["pid"]) not in closed:
-                line["died"] = inc.died if inc.died is not None else now
+                died = inc.died if inc.died is not None else now
+                if e["pid"] != inc.proc.pid:
+                    life = watch.life_of(e["pid"], e["t"])
+                    if life is None:
+                        counts["child_executions_unseen"] += 1
+                    else:
+                        counts["child_executions_closed_by_the_watch"] += 1
+                        died = life.gone if life.gone is not None else now
+                line["died"] = died
             lines.append(line)
-    return lines
+    return lines, counts
 
 
 def in_flight(fault: Fault, spans: dict[str, list[tuple[float, float, Any]]]) -> set[str]:
@@ -503,14 +543,33 @@ def in_flight(fault: Fault, spans: dict[str, list[tuple[float, float, Any]]]) ->
 
 def frozen_time_excluded(lines: list[dict[str, Any]], faults: list[Fault]) -> list[dict[str, Any]]:
     """The ledger as if a frozen worker's executions paused while it was
-    stopped (a diagnostic; the verdict counts frozen time)."""
-    pids = {line["pid"] for line in lines}
+    stopped, whatever they did after the resume (a diagnostic; the verdict
+    is `fenced_at_freeze`'s)."""
+    renamed: dict[str, str] = {}  # a worker frozen twice: its lines after the first
     for f in faults:
-        if f.kind == "stop":
-            for pid in [p for p in pids if p.startswith(f"{f.incarnation}:")]:
-                lines = split_frozen(lines, pid, f.begin, f.end)
-                pids = (pids - {pid}) | {f"{pid}-resumed"}
+        if f.kind == "stop":  # the worker only: its children were not frozen
+            pid = f"{f.incarnation}:{f.detail['pid']}"
+            lines = split_frozen(lines, renamed.get(pid, pid), f.begin, f.end)
+            renamed[pid] = f"{renamed.get(pid, pid)}-resumed"
     return lines
+
+
+def fenced_at_freeze(
+    lines: list[dict[str, Any]], faults: list[Fault]
+) -> tuple[list[dict[str, Any]], int]:
+    """Each frozen worker's async runs that took no step after it resumed
+    (their only line after the start is their `cancelled`) end at the
+    SIGSTOP (`close_fenced_at_freeze`). Its sync runs execute in children,
+    which were not frozen: their lifetimes close them."""
+    fenced = 0
+    previous: dict[str, float] = {}  # a worker frozen twice: the end of its first freeze
+    for f in sorted((f for f in faults if f.kind == "stop"), key=lambda f: f.begin):
+        pid = f"{f.incarnation}:{f.detail['pid']}"
+        since = previous.get(pid, float("-inf"))
+        lines, closed = close_fenced_at_freeze(lines, pid, f.begin, f.end, since)
+        previous[pid] = f.end
+        fenced += closed
+    return lines, fenced
 
 
 def footprint(proc: Proc) -> dict[str, Any]:
@@ -644,6 +703,7 @@ class Soak:
 
 def overlap_detail(
     overlaps: dict[str, int],
+    lines: list[dict[str, Any]],
     spans: dict[str, list[tuple[float, float, Any]]],
     docs: dict[str, dict[str, Any]],
     faults: list[Fault],
@@ -662,6 +722,12 @@ def overlap_detail(
                 "executions": [
                     [pid, round(start - origin, 3), round(end - origin, 3)]
                     for start, end, pid in runs
+                ],
+                "ledger": [
+                    [e["pid"], e["event"], round(e["t"] - origin, 3)]
+                    + [f"{k} {round(e[k] - origin, 3)}" for k in ("died", "until") if k in e]
+                    for e in lines
+                    if e["run_id"] == run_id
                 ],
                 "faults": [
                     [f.kind, f.target, round(f.begin - origin, 3), round(f.end - origin, 3)]
@@ -741,6 +807,8 @@ def summary_table(report: dict[str, Any]) -> str:
     keys = (
         "lost", "duplicate_completions", "unexpected", "concurrent_overlaps",
         "overlaps_all_pairs", "overlaps_by_task", "overlaps_frozen_time_excluded",
+        "overlaps_if_fenced_runs_ran_through_the_freeze", "async_runs_fenced_at_the_freeze",
+        "child_executions_closed_by_the_watch", "child_executions_unseen",
         "re_executions", "re_execution_bound", "stale_reports_rejected",
     )  # fmt: skip
     lines.append("  ".join(f"{k}={report['figures'].get(k)}" for k in keys))
@@ -752,17 +820,20 @@ def summary_table(report: dict[str, Any]) -> str:
 @pytest.mark.timeout(SOAK_SECONDS + 330)
 def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path: Path) -> None:
     """Waves of runs drain after each wave under a seeded nemesis; no run is
-    lost, completed twice or executed twice at once (a frozen worker's runs
-    count as executing while it is frozen); re-executions stay within the
+    lost, completed twice or executed twice at once (a frozen worker's run
+    counts as executing while it is frozen unless it took no step after the
+    resume); re-executions stay within the
     runs the faults hit; the app's memory and fds come back."""
     db_url, pg = soak_db
     backend = "postgres" if pg else "sqlite"
     seed = int(os.environ.get("BGTASKS_SOAK_SEED") or random.SystemRandom().randrange(2**31))
     print(f"\nR12 soak on {backend}: seed {seed} (set BGTASKS_SOAK_SEED={seed} to replay)")
     fleet = Fleet(db_url, tmp_path)
+    watch = ChildWatch(fleet.live_pids)
     nemesis: Nemesis | None = None
     try:
         fleet.start()
+        watch.start()
         reader = Reader(fleet)
         soak = Soak(fleet, reader)
         nemesis = Nemesis(fleet, Reader(fleet), random.Random(seed), pg)
@@ -799,12 +870,16 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
         }
 
         now = time.monotonic()
-        lines = annotated(fleet, now)
+        watch.halt.set()
+        watch.join(10)
+        raw, children = annotated(fleet, watch, now)
+        lines, fenced = fenced_at_freeze(raw, nemesis.faults)
         base = fleet.bases()[0]
         docs = {r["id"]: r for r in all_runs(base)}
         spans = executions(lines)
         overlaps = overlapping_runs(lines)
-        excluded = overlapping_runs(frozen_time_excluded(lines, nemesis.faults))
+        whole_freeze = overlapping_runs(raw)
+        excluded = overlapping_runs(frozen_time_excluded(raw, nemesis.faults))
         faults, hit = fault_figures(nemesis.faults, spans, origin)
         latency = wave_figures(soak, docs, nemesis.faults)
         again = {r for r, runs in spans.items() if len(runs) > 1}
@@ -822,8 +897,14 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
                 "overlaps_all_pairs": sum(overlaps.values()),
                 "overlaps_by_task": dict(Counter(docs[r]["task"] for r in overlaps)),
                 "overlaps_frozen_time_excluded": sum(excluded.values()),
+                "overlaps_if_fenced_runs_ran_through_the_freeze": sum(whole_freeze.values()),
+                "async_runs_fenced_at_the_freeze": fenced,
+                **children,
+                "child_watch_longest_gap_s": round(watch.longest_gap, 3),
                 "overlap_ids": sorted(overlaps)[:20],
-                "overlap_detail": overlap_detail(overlaps, spans, docs, nemesis.faults, origin),
+                "overlap_detail": overlap_detail(
+                    overlaps, lines, spans, docs, nemesis.faults, origin
+                ),
                 "re_execution_bound": sum(f["in_flight"] for f in faults),
                 "re_executions_not_hit_by_a_fault": sorted(again - hit)[:20],
                 "still_open_after_final_drain_s": None if final is not None else 60,
@@ -850,6 +931,7 @@ def test_soak_waves_with_nemesis(soak_db: tuple[str, PgCluster | None], tmp_path
         if nemesis is not None:
             nemesis.halt.set()
             nemesis.join(60)
+        watch.halt.set()
         fleet.close()
 
     violations: list[str] = list(report["problems"])
