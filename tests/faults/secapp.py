@@ -23,6 +23,10 @@ bg = BgTasks(
     max_feeds=int(os.environ.get("BGTASKS_SEC_MAX_FEEDS", "3")),
     max_streams=int(os.environ.get("BGTASKS_SEC_MAX_STREAMS", "10")),
     pool_size=int(os.environ.get("BGTASKS_SEC_POOL_SIZE", "2")),
+    # With a token, the probes' loopback addresses stand in for clients of a
+    # reverse proxy on the same host: no client is trusted for its address.
+    # Without one (the open app), loopback trust is what is under test.
+    trust_loopback=not os.environ.get("BGTASKS_TOKEN"),
 )
 
 

@@ -1098,7 +1098,11 @@ def test_r10_poison_runs_are_quarantined(cluster: Cluster, isolation: str) -> No
         assert deaths == {}, exits
         children = child_deaths(workers, min(e["t"] for e in lines))
         killed = sum(len(CHILD_DIED.findall(w.output())) for w in workers)
-        assert 0 < killed <= killing_attempts, children
+        assert 0 < killed <= killing_attempts, (
+            children,
+            [m.group(0) for w in workers for m in CHILD_DIED.finditer(w.output())],
+            {n: runs[r] for n, r in poison.items()},
+        )
     else:
         assert 0 < len(deaths) <= killing_attempts, (deaths, exits)
 
