@@ -140,7 +140,7 @@ class Executor:
         if reason is StopReason.LOST:
             if ran:
                 log.warning("Task run %s - %s: lease lost; result dropped", d.id, d.task)
-            self.roster.release(held)
+            self.roster.abandon(held)
             return
         if reason is StopReason.CANCEL:
             report = make_report(d, ReportKind.CANCELLED)

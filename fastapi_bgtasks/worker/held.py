@@ -91,9 +91,17 @@ class Roster:
     """The held runs by id, and a wake-up each time one finishes (the drain
     waits on conditions over them)."""
 
+    # How many given-up leases it remembers (tokens are unique, so an old one
+    # never matches a new delivery; a re-send comes within a lease or so).
+    ABANDONED_KEPT = 4096
+
     def __init__(self) -> None:
         self.runs: dict[uuid.UUID, HeldRun] = {}
         self._finished = anyio.Event()  # replaced each time a run finishes
+        # Lease tokens of runs let go without a report (their lease was lost,
+        # or their process died): a delivery re-sent under one of them, as on
+        # a feed reconnect before the app saw the run start, is not run again.
+        self._abandoned: dict[str, None] = {}
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -118,6 +126,17 @@ class Roster:
         self.finish(held)
         held.phase = Phase.REPORTED
         self.runs.pop(held.delivery.id, None)
+
+    def abandon(self, held: HeldRun) -> None:
+        """Let go of a run with no report: its lease is left to expire (a
+        rescue spent), and this worker never runs it again under that lease."""
+        self._abandoned[held.delivery.lease_token] = None
+        while len(self._abandoned) > self.ABANDONED_KEPT:
+            del self._abandoned[next(iter(self._abandoned))]
+        self.release(held)
+
+    def abandoned(self, lease_token: str) -> bool:
+        return lease_token in self._abandoned
 
     async def until(self, condition: Callable[[], bool]) -> None:
         while not condition():

@@ -221,7 +221,8 @@ class Worker:
     def receive(self, delivery: Delivery, runs: TaskGroup) -> HeldRun | None:
         """Hold a delivery and start its execution in `runs` (a delivery we
         hold already is re-sent after a reconnect, or leased to us anew);
-        hand back at once one this worker cannot accept (None)."""
+        hand back at once one this worker cannot accept, and ignore one it
+        gave up under the same lease (None)."""
         held = self.roster.get(delivery.id)
         if held is not None:
             if (
@@ -238,6 +239,13 @@ class Worker:
                     report = make_report(delivery, ReportKind.RUNNING)
                     self.reporter.queue.enqueue(report, held.running_answered)
             return held
+        if self.roster.abandoned(delivery.lease_token):
+            # Re-sent (a feed reconnect) before the app saw it start: this
+            # worker already ran it under this lease and let it go.
+            log.warning(
+                "Run %s: re-sent under a lease it gave up; not running it again", delivery.id
+            )
+            return None
         loaded = load_call(self.tasks.get(delivery.task), delivery)
         if isinstance(loaded, ErrorInfo) and self.terms.takes_rejected:
             self._reject(delivery, loaded)

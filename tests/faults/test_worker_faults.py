@@ -1092,6 +1092,12 @@ def test_r10_poison_runs_are_quarantined(cluster: Cluster, isolation: str) -> No
     killing_attempts = sum(
         runs[r]["attempt"] for r in poison.values() if runs[r]["state"] == "CRASHED"
     )
+    # No attempt ran twice: a run whose process died is left to its lease,
+    # and a re-sent delivery under that lease (a feed reconnect before the
+    # app saw the run start) is not run again.
+    for name, run_id in poison.items():
+        started = sum(w.output().count(f"Received task run: {run_id}") for w in workers)
+        assert started <= runs[run_id]["attempt"], (name, started, api.transitions(run_id))
     lines = entries(ledger)
     children: dict[int, float] = {}
     if isolation == "process":
