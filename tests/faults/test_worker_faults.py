@@ -1135,3 +1135,43 @@ def test_r10_poison_runs_are_quarantined(cluster: Cluster, isolation: str) -> No
     assert_clean(figures)
     crashed = sum(runs[r]["state"] == "CRASHED" for r in poison.values())
     assert figures["failed_terminal"].get("WorkerLost") == crashed >= 2, figures
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_r10_a_run_whose_process_died_is_not_run_again_under_its_lease(
+    cluster: Cluster,
+) -> None:
+    """A fresh delivery starts before the app has its RUNNING report (it
+    waits for the report batch). If its process dies and the feed reconnects
+    meanwhile, the app re-sends the run, still PENDING under this worker, with
+    the same lease: the worker must not run it again. The lease is left to
+    expire (a rescue spent), and the next attempt runs under a new lease."""
+    # A long report window keeps the run PENDING in the store past the cut.
+    api = cluster.app(BGTASKS_TEST_REPORT_INTERVAL="1.5")
+    link = TcpProxy(int(api.base.rsplit(":", 1)[1]))
+    try:
+        worker = cluster.worker(
+            "w", "--prefetch", "0", "--sync-isolation", "process",
+            url=f"http://127.0.0.1:{link.port}/tasks",
+        )  # fmt: skip
+        worker.wait_for(r"Worker \S+ connected to")
+        run_id = api.submit("exit_hard")
+        worker.wait_for(rf"Run {run_id}: its process \d+ died")
+        assert api.runs()[run_id]["state"] == "PENDING", api.transitions(run_id)
+        link.reset()  # the feed reconnects: the app re-sends what is PENDING under it
+        worker.wait_for(r"Worker \S+ reconnected to")
+        deadline = time.monotonic() + timing.DEADLINE
+        while ("RUNNING", "SCHEDULED", 1, "worker_lost") not in api.transitions(run_id):
+            assert time.monotonic() < deadline, api.transitions(run_id)
+            time.sleep(0.05)
+    finally:
+        link.close()
+    starts = [
+        e for e in entries(cluster.ledger("w")) if e["run_id"] == run_id and e["event"] == "start"
+    ]
+    assert [e["attempt"] for e in starts if e["attempt"] == 1] == [1], (
+        starts,
+        api.transitions(run_id),
+    )
+    assert f"Run {run_id}: re-sent under a lease it gave up" in worker.output()

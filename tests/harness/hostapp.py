@@ -24,6 +24,7 @@ bg = BgTasks(
     reaper_seconds=timing.REAPER_SECONDS,
     poll_seconds=timing.POLL_SECONDS,
     max_rescues=int(os.environ.get("BGTASKS_TEST_MAX_RESCUES", "3")),
+    report_interval=float(os.environ.get("BGTASKS_TEST_REPORT_INTERVAL", "0.02")),
 )
 
 
