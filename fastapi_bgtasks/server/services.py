@@ -53,11 +53,12 @@ async def _reaper(hub: ServerHub, running: Running) -> None:
         await _unserved(hub, running)
         if reaped:
             for run_id, state, worker_id in reaped:
+                # Its worker's feeds were marked lost before the update
+                # (`on_lost`); marking again now would close a feed the
+                # worker has opened since, with a delivery in flight.
                 log.warning(
                     "Run %s lost its worker %s (lease expired): now %s", run_id, worker_id, state
                 )
-                if worker_id is not None:
-                    running.wakeups.worker_lost(worker_id)
             running.wakeups.runs_added(ANY_TASK)
             running.wakeups.runs_changed(run_id for run_id, _, _ in reaped)
         await anyio.sleep(hub.settings.reaper_seconds)
