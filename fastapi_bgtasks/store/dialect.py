@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -193,12 +194,18 @@ class Database:
     async def _translated(
         self, engine: AsyncEngine, *, begin: bool, autocommit: bool
     ) -> AsyncIterator[AsyncConnection]:
-        """A connection whose database errors come out translated."""
+        """A connection whose database errors come out translated, and whose
+        statements a cancellation cannot cut short (see `_uncancelled`)."""
         try:
-            async with engine.begin() if begin else engine.connect() as conn:
-                if autocommit:
-                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                yield conn
+            with _uncancelled():
+                async with engine.connect() as conn:
+                    if autocommit:
+                        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    if begin:
+                        async with conn.begin():
+                            yield conn
+                    else:
+                        yield conn
         except _CAUGHT as exc:
             translated = self.translate(exc)
             if translated is exc:
@@ -236,6 +243,8 @@ class Database:
             ) from exc
 
     async def _probe_pg(self, timeout: float) -> None:
+        # Not shielded: health answers within its bound on a hung server, and
+        # a cancelled asyncpg connection closes; the server rolls it back.
         async with self._engines()[0].begin() as conn:
             await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(timeout * 1000)}")
             # Takes the lock every write to the runs table takes (a LOCK TABLE
@@ -246,20 +255,22 @@ class Database:
     async def _probe_sqlite(self, timeout: float) -> None:
         # A reader connection, so the probe never queues behind the app's own
         # writer; BEGIN IMMEDIATE, because a deferred BEGIN would not see a
-        # write lock held by another connection until it wrote.
+        # write lock held by another connection until it wrote. Shielded once
+        # checked out: `timeout` bounds its statements.
         async with self._engines()[1].connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-            try:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            with _uncancelled():
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(timeout * 1000)}")
                 try:
-                    await conn.exec_driver_sql("UPDATE bgtasks_schema SET version = version")
-                    await conn.exec_driver_sql("COMMIT")
-                except BaseException:
-                    await conn.exec_driver_sql("ROLLBACK")
-                    raise
-            finally:
-                await conn.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    try:
+                        await conn.exec_driver_sql("UPDATE bgtasks_schema SET version = version")
+                        await conn.exec_driver_sql("COMMIT")
+                    except BaseException:
+                        await conn.exec_driver_sql("ROLLBACK")
+                        raise
+                finally:
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
 
     # -- the store's clock: now() on PostgreSQL, the app's on SQLite ------
     # (times of runs; leases are on `lease_clock`)
@@ -301,6 +312,20 @@ class Database:
     def clock_params(self) -> dict[str, Any]:
         """The parameters `now_param` needs."""
         return {} if self.is_pg else {"now": self.wall_now()}
+
+
+def _uncancelled() -> anyio.CancelScope:
+    """Shields a connection's checkout, statements, commit and return to the
+    pool from cancellation (a worker gone mid-claim, a request cancelled at
+    shutdown); the cancellation takes effect once the connection is back.
+    Cut short mid-statement, SQLAlchemy terminates the connection, and
+    aiosqlite can then stop its thread without closing the SQLite
+    connection: an unfinished `UPDATE ... RETURNING` or an open transaction
+    kept the write lock until garbage collection, and every writer of the
+    file waited out the busy timeout. Everything shielded stays bounded: by
+    the pool and busy timeouts on SQLite, by the pool, connect and command
+    timeouts on PostgreSQL."""
+    return anyio.CancelScope(shield=True)
 
 
 def _sqlite_pragmas(engine: AsyncEngine, *, immediate: bool) -> None:

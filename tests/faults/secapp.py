@@ -57,7 +57,8 @@ def hub_state() -> dict[str, Any]:
     running = bg.running
     if running is None:
         return {"running": False}
-    engines = {id(e): e for e in (getattr(running.store, n, None) for n in ("_writer", "_reader"))}
+    db = running.store.db
+    engines = {id(e): e for e in (getattr(db, n, None) for n in ("_writer", "_reader"))}
     counts = [_checked_out(e) for e in engines.values() if e is not None]
     return {
         "running": True,
