@@ -3,7 +3,9 @@ refused with 413 by Content-Length or while streamed, and nothing is stored."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -78,9 +80,17 @@ async def test_arguments_of_exactly_max_args_bytes_can_be_submitted_over_http(db
     """By default the body limit is max_args_bytes plus room for the envelope."""
     limit = 1024 * 1024  # the default max_args_bytes
     value = "é" * ((limit - len('[[""],{}]')) // 2)  # two UTF-8 bytes each
+    # Sent as compact UTF-8 JSON, as stored: how a client encodes its body
+    # (httpx before 0.28 escapes "é" as six bytes) is not under test.
     async with api(db_url) as (_, http):
-        response = await http.post("/tasks/runs", json={"task": "echo", "args": [value]})
+        response = await http.post("/tasks/runs", **_compact({"task": "echo", "args": [value]}))
         assert response.status_code == 202, response.text
-        over = await http.post("/tasks/runs", json={"task": "echo", "args": [value + "éx"]})
+        over = await http.post("/tasks/runs", **_compact({"task": "echo", "args": [value + "éx"]}))
         assert_error(over, 413, "payload_too_large")
         assert len(await stored_runs(http)) == 1
+
+
+def _compact(body: Any) -> dict[str, Any]:
+    """A JSON body as compact UTF-8, the way the store measures arguments."""
+    content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return {"content": content, "headers": {"Content-Type": "application/json"}}
