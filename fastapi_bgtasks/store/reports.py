@@ -153,15 +153,15 @@ class Reports:
         """One report, one compare-and-set statement."""
         mine = sa.and_(runs.c.id == report.run_id, runs.c.lease_token == report.lease_token)
         kind, result, error = _settle(report, max_result_bytes)
-        if kind in (ReportKind.FAILED, ReportKind.REJECTED):
-            if kind is ReportKind.FAILED:
-                values = await self._failure(conn, mine, error)
-            else:
-                values = await self._rejection(conn, report, mine, error)
-            if values is None:
-                return await _classify(conn, report, result), None
+        values: dict[str, Any] | None
+        if kind is ReportKind.FAILED:
+            values = await self._failure(conn, mine, error)
+        elif kind is ReportKind.REJECTED:
+            values = await self._rejection(conn, report, mine, error)
         else:
             values = self._values(kind, result)
+        if values is None:  # not this lease's (read while deciding the values)
+            return await _classify(conn, report, result), None
         where = sa.and_(mine, moves(Event(kind.value)))
         row = (
             await conn.execute(
