@@ -58,13 +58,14 @@ class ServerHub(Protocol):
     def get_task(self, name: str) -> Task[Any, Any]: ...
 
 
-def serving_hub(request: Request) -> ServerHub:
+async def serving_hub(request: Request) -> ServerHub:
     """The hub whose sub-app answers this request (`build_app` keeps it in
-    the sub-app's state)."""
+    the sub-app's state). Async, as every dependency here: FastAPI runs a
+    plain `def` dependency in a worker thread, a hop per request."""
     return cast("ServerHub", request.app.state.hub)
 
 
-def serving_lifespan(hub: Annotated[ServerHub, Depends(serving_hub)]) -> Running:
+async def serving_lifespan(hub: Annotated[ServerHub, Depends(serving_hub)]) -> Running:
     """The running lifespan, or a 503 that says to run it."""
     running = hub.running
     if running is None:

@@ -115,8 +115,13 @@ async def _deliveries(
                     yield event
                     # No second claim now: this one took every due run or
                     # all the credit, and the events taken before it fire
-                    # for anything since (new runs, freed credit).
-                timeout = await _idle_wait(hub, store, tasks, deadline)
+                    # for anything since (new runs, freed credit). Nor a
+                    # read of the next due time: while runs flow, the
+                    # worker's reports wake this feed, and credit freed on
+                    # another app process is found by the poll.
+                    timeout = min(deadline - time.monotonic(), hub.settings.poll_seconds)
+                else:
+                    timeout = await _idle_wait(hub, store, tasks, deadline)
             except StoreUnavailable as exc:
                 log.warning("Feed for %s: %s", worker_id, exc)
                 timeout = min(hub.settings.poll_seconds, 1.0)

@@ -377,3 +377,35 @@ def test_every_route_handler_and_access_check_is_a_module_level_function() -> No
         calls = [route.endpoint, *(d.call for d in dependant.dependencies)]
         nested += [f"{route.path}: {c.__qualname__}" for c in calls if "<locals>" in c.__qualname__]
     assert nested == []
+
+
+# -- the request path ------------------------------------------------------------
+
+
+def test_every_dependency_of_the_task_api_is_async() -> None:
+    """FastAPI runs a plain `def` dependency in a worker thread: a thread hop
+    on every report, heartbeat and status read. None of ours is one."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from fastapi_bgtasks.server import feed, health, intake, reports, status
+
+    routers = [intake.router, status.router(100), feed.router, reports.router, health.router]
+    sync: list[str] = []
+
+    def visit(dependant: Any, path: str) -> None:
+        for dependency in dependant.dependencies:
+            call = dependency.call
+            if call is not None and not (
+                inspect.iscoroutinefunction(call)
+                or inspect.iscoroutinefunction(getattr(call, "__call__", None))
+            ):
+                sync.append(f"{path}: {getattr(call, '__qualname__', call)}")
+            visit(dependency, path)
+
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    assert len(routes) > 10
+    for route in routes:
+        visit(route.dependant, route.path)
+    assert sync == []
