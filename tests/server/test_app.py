@@ -399,7 +399,7 @@ def test_every_dependency_of_the_task_api_is_async() -> None:
             call = dependency.call
             if call is not None and not (
                 inspect.iscoroutinefunction(call)
-                or inspect.iscoroutinefunction(getattr(call, "__call__", None))
+                or inspect.iscoroutinefunction(getattr(call, "__call__", None))  # noqa: B004
             ):
                 sync.append(f"{path}: {getattr(call, '__qualname__', call)}")
             visit(dependency, path)
