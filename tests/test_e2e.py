@@ -197,6 +197,23 @@ def test_two_workers_share_twelve_runs(
     assert len({d["worker_id"] for d in docs}) == 2
 
 
+def test_two_default_workers_share_a_small_batch(
+    app_server: tuple[Proc, str], workers: list[Proc], db_url: str, tmp_path: Path
+) -> None:
+    """With default flags (a deep prefetch), three runs stored at once still
+    go to both workers: the app shares a small batch among the feeds."""
+    _, base = app_server
+    for _ in range(2):
+        workers.append(start_worker(f"{base}/tasks", db_url, tmp_path, concurrency=10))
+    for _ in range(3):  # each batch on its own, as a route would submit it
+        body = {"task": "sleep_async", "calls": [{"args": [0.2]}] * 3}
+        response = httpx.post(f"{base}/tasks/runs/batch", json=body)
+        assert response.status_code == 202, response.text
+        docs = [wait_terminal(base, str(run["id"])) for run in response.json()["runs"]]
+        assert all(d["state"] == "COMPLETED" for d in docs)
+        assert len({d["worker_id"] for d in docs}) == 2
+
+
 def test_a_script_submits_straight_to_the_store(
     served: str, shared_db: tuple[str, Path], tmp_path: Path
 ) -> None:

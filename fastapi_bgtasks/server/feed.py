@@ -99,6 +99,7 @@ async def _deliveries(
                     slots=slots,
                     lease_seconds=hub.settings.lease_seconds,
                     keys=running.serving.keys.get(worker_id),
+                    feeds=running.serving.feeds_for(tasks),
                 )
                 if unsent and worker_id in wakeups.lost_workers:
                     # Reaped meanwhile: hand back what this claim took, now.

@@ -45,6 +45,11 @@ class Serving:
             if self._feeds[name] <= 0:
                 del self._feeds[name]
 
+    def feeds_for(self, tasks: Iterable[str]) -> int:
+        """How many open feeds serve `tasks` (the most for any one of them):
+        how many ways a claim shares the due runs."""
+        return max((self._feeds[t] for t in tasks), default=0)
+
     def serves(self, task: str) -> bool:
         return self._feeds[task] > 0
 

@@ -373,6 +373,58 @@ END
 $$ LANGUAGE plpgsql
 """
 
+# -- version 5: due runs shared among the feeds that serve them. A fourth
+# bgtasks_claim takes how many feeds of this app process serve the tasks
+# (p_feeds): when several do, one claim takes at most its share of what is
+# due (counted up to credit x p_feeds), so a small batch is spread over the
+# workers instead of all going to the first feed that wakes. A backlog
+# larger than every feed's credit is taken credit by credit, as before.
+
+_PG_CLAIM_FUNCTION_V5 = """
+CREATE OR REPLACE FUNCTION bgtasks_claim(
+    p_worker text, p_tasks text[], p_keys text[], p_slots integer,
+    p_expires timestamptz, p_token text, p_feeds integer
+) RETURNS SETOF bgtasks_runs AS $$
+DECLARE
+    credit integer;
+    waiting integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(25191, hashtext(p_worker));
+    SELECT p_slots - count(*) INTO credit FROM bgtasks_runs
+    WHERE worker_id = p_worker AND state IN ('PENDING', 'RUNNING');
+    IF credit <= 0 THEN
+        RETURN;
+    END IF;
+    IF p_feeds > 1 THEN
+        SELECT count(*) INTO waiting FROM unnest(p_tasks, p_keys) AS served(name, key)
+        CROSS JOIN LATERAL (
+            SELECT 1 FROM bgtasks_runs
+            WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
+                AND rejected_by IS DISTINCT FROM served.key
+            LIMIT credit * p_feeds) AS shared;
+        credit := least(credit, greatest(1, (waiting + p_feeds - 1) / p_feeds));
+    END IF;
+    -- As in version 4.
+    RETURN QUERY
+    UPDATE bgtasks_runs SET
+        state = 'PENDING', attempt = attempt + 1, worker_id = p_worker,
+        lease_token = p_token, lease_expires_at = p_expires,
+        updated_at = now(), reason = NULL
+    WHERE id = ANY(ARRAY(
+        SELECT due.id FROM unnest(p_tasks, p_keys) AS served(name, key) CROSS JOIN LATERAL (
+            SELECT id, priority, scheduled_at FROM bgtasks_runs
+            WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
+                AND rejected_by IS DISTINCT FROM served.key
+            ORDER BY priority DESC, scheduled_at
+            LIMIT credit
+            FOR UPDATE SKIP LOCKED) AS due
+        ORDER BY due.priority DESC, due.scheduled_at
+        LIMIT credit))
+    RETURNING *;
+END
+$$ LANGUAGE plpgsql
+"""
+
 # MIGRATIONS[n - 1][dialect]: the statements that take a database from
 # version n - 1 to n.
 MIGRATIONS: list[dict[str, list[str]]] = [
@@ -380,4 +432,5 @@ MIGRATIONS: list[dict[str, list[str]]] = [
     {"postgresql": _V2_POSTGRESQL, "sqlite": _V2_SQLITE},
     {"postgresql": _V3_POSTGRESQL, "sqlite": _V3_SQLITE},
     {"postgresql": [_PG_CLAIM_FUNCTION_V4], "sqlite": []},
+    {"postgresql": [_PG_CLAIM_FUNCTION_V5], "sqlite": []},
 ]

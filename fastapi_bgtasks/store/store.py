@@ -26,6 +26,7 @@ class Store:
         self, url: str, *, pool_size: int = 10, wall: Callable[[], float] = time.time
     ) -> None:
         self.db = Database(url, pool_size=pool_size, wall=wall)
+        self._channel = watch.Channel()
         self.url = self.db.url
         self.display_url = self.db.display_url
         self.dialect = self.db.dialect
@@ -76,9 +77,9 @@ class Store:
 
     async def notify(self, tasks: Sequence[str]) -> None:
         """Tell other app processes that runs of these tasks are waiting."""
-        await watch.notify(self.db, tasks)
+        await watch.notify(self.db, tasks, self._channel)
 
     async def watch(self, on_change: Callable[[str | None], None]) -> None:
         """Call `on_change(tasks or None)` whenever another process writes runs;
         runs until cancelled."""
-        await watch.watch(self.db, on_change)
+        await watch.watch(self.db, on_change, self._channel)

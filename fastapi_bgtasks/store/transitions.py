@@ -37,6 +37,7 @@ class Transitions:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._claims: dict[tuple[str, ...], Any] = {}
+        self._counts: dict[tuple[str, ...], Any] = {}
         self._pg_claim = sa.select(
             *sa.func.bgtasks_claim(
                 sa.bindparam("worker", type_=sa.String),
@@ -45,6 +46,7 @@ class Transitions:
                 sa.bindparam("slots", type_=sa.Integer),
                 sa.bindparam("expires", type_=sa.DateTime(timezone=True)),
                 sa.bindparam("token", type_=sa.String),
+                sa.bindparam("feeds", type_=sa.Integer),
             )
             .table_valued(*(sa.column(c.name, c.type) for c in DELIVERY))
             .c
@@ -58,6 +60,7 @@ class Transitions:
         slots: int,
         lease_seconds: float,
         keys: Mapping[str, str] | None = None,
+        feeds: int = 1,
     ) -> list[DeliveryRow]:
         """Lease up to this worker's free credit of due runs, in one statement.
 
@@ -66,6 +69,12 @@ class Transitions:
         is counted here; the lease token fences every later report. A run
         whose `rejected_by` is this worker's key for its task (`keys`: the
         fingerprint of its signature; else its id) is left to others.
+
+        `feeds`: how many feeds (this one included) serve these tasks. When
+        several do, the claim takes at most its share of the due runs, so a
+        small batch is spread over the workers instead of going all to the
+        first feed that wakes; a backlog beyond every feed's credit is
+        taken credit by credit.
         """
         tasks = sorted(set(tasks))
         rejecters = [(keys or {}).get(task) or worker_id for task in tasks]
@@ -79,7 +88,7 @@ class Transitions:
             statement = self._pg_claim
             params: dict[str, Any] = {
                 "worker": worker_id, "tasks": tasks, "keys": rejecters, "slots": slots,
-                "expires": expires, "token": token,
+                "expires": expires, "token": token, "feeds": max(1, feeds),
             }  # fmt: skip
         else:
             statement = self._sqlite_claim(tuple(tasks))
@@ -87,10 +96,29 @@ class Transitions:
             params = {"worker": worker_id, "slots": slots, "now": now, "token": token,
                       "expires": expires}  # fmt: skip
             params.update({f"key{i}": key for i, key in enumerate(rejecters)})
+            params["share"] = await self._sqlite_share(tuple(tasks), params, slots, feeds)
         async with self._db.one() as conn:
             rows = [delivery_row(r) for r in await conn.execute(statement, params)]
         rows.sort(key=lambda r: (-r["priority"], r["scheduled_at"]))
         return rows
+
+    async def _sqlite_share(
+        self, tasks: tuple[str, ...], params: dict[str, Any], slots: int, feeds: int
+    ) -> int:
+        """The most one of `feeds` feeds takes: its share of the due runs,
+        counted up to slots x feeds (the claim itself stays one statement).
+        A read before the claim: a share a little off only shifts a run to
+        the next claim."""
+        if feeds <= 1:
+            return slots
+        statement = self._counts.get(tasks)
+        if statement is None:
+            statement = _due_count(tasks)
+            if len(self._counts) < _MAX_CACHED_CLAIMS:
+                self._counts[tasks] = statement
+        async with self._db.read() as conn:
+            due = await conn.scalar(statement, {**params, "cap": slots * feeds}) or 0
+        return max(1, -(-due // feeds))
 
     def _sqlite_claim(self, tasks: tuple[str, ...]) -> Any:
         """SQLite's claim for these tasks, built once: credit counted in the
@@ -106,7 +134,9 @@ class Transitions:
             .where(runs.c.worker_id == sa.bindparam("worker"), ACTIVE)
             .scalar_subquery()
         )
-        credit = sa.func.max(0, sa.bindparam("slots", type_=sa.Integer) - held)
+        free = sa.func.max(0, sa.bindparam("slots", type_=sa.Integer) - held)
+        # At most `share` (the slots when one feed serves the tasks).
+        credit = sa.func.min(free, sa.bindparam("share", type_=sa.Integer))
         # A run rejected by a worker with this one's key for the task (the
         # same signature, or the same worker) would be rejected again.
         branches = [
@@ -260,6 +290,28 @@ class Transitions:
                 on_lost({w for w in workers.values() if w is not None})
             reaped = await conn.execute(_reap(expired, now))
             return [(r.id, r.state, workers.get(r.id)) for r in reaped]
+
+
+def _due_count(tasks: tuple[str, ...]) -> Any:
+    """SQLite: the runs of `tasks` a claim could take now, counted up to
+    `cap` per task (the keys as in the claim)."""
+    now = sa.bindparam("now", type_=sa.DateTime(timezone=True))
+    branches = [
+        sa.select(sa.literal(1).label("one"))
+        .select_from(runs)
+        .where(
+            moves(Event.CLAIM),
+            runs.c.task == task,
+            runs.c.scheduled_at <= now,
+            runs.c.rejected_by.is_distinct_from(sa.bindparam(f"key{i}", type_=sa.String)),
+        )
+        .limit(sa.bindparam("cap", type_=sa.Integer))
+        .subquery()
+        for i, task in enumerate(tasks)
+    ]
+    # Each branch as a subquery: SQLite takes no LIMIT inside a compound select.
+    counted = sa.union_all(*(sa.select(*b.c) for b in branches)).subquery()
+    return sa.select(sa.func.count()).select_from(counted)
 
 
 def _reap(expired: Any, now: Any) -> Any:

@@ -1,13 +1,16 @@
 """Cross-process wake-ups: how an app process learns that another one (or
 a submitter without a lifespan) wrote runs, so its feeds claim at once
 instead of at their next poll. PostgreSQL: NOTIFY and LISTEN; SQLite:
-PRAGMA data_version.
+PRAGMA data_version. An app process NOTIFYs on the connection it LISTENs
+on and ignores its own notifications: its feeds were woken in-process.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import sqlalchemy as sa
@@ -16,7 +19,7 @@ from ..backoff import Backoff
 from .dialect import Database
 from .submits import NOTIFY_CHANNEL
 
-__all__ = ["notify", "watch"]
+__all__ = ["Channel", "notify", "watch"]
 
 log = logging.getLogger("fastapi_bgtasks.store")
 
@@ -29,20 +32,39 @@ def _names(payload: str) -> str | None:
     return payload if len(payload) < _PAYLOAD_LIMIT else None
 
 
-async def notify(db: Database, tasks: Sequence[str]) -> None:
+@dataclass
+class Channel:
+    """The LISTEN connection of one app process (PostgreSQL), shared with its
+    NOTIFY sender under a lock: a notification whose sender is this very
+    connection is this process's own, and wakes nothing here."""
+
+    conn: Any = None  # asyncpg.Connection while listening
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+async def notify(db: Database, tasks: Sequence[str], channel: Channel | None = None) -> None:
     """Tell other app processes that runs of these tasks are waiting.
-    Sent after the submit's commit, outside its transaction."""
+    Sent after the submit's commit, outside its transaction; on the
+    listening connection when there is one (its echo is then ignored)."""
     if not db.is_pg or not tasks:
         return
     # Listeners re-claim for every task they serve whatever the payload:
     # one NOTIFY carries the whole coalesced set, within NOTIFY's size limit.
     payload = ",".join(tasks)[:_PAYLOAD_LIMIT]
+    if channel is not None and channel.conn is not None:
+        async with channel.lock:
+            conn = channel.conn
+            if conn is not None and not conn.is_closed():
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload, timeout=10)
+                return
     statement = sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("payload", payload)))
     async with db.one() as conn:
         await conn.execute(statement)
 
 
-async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
+async def watch(
+    db: Database, on_change: Callable[[str | None], None], channel: Channel | None = None
+) -> None:
     """Call `on_change(tasks or None)` whenever another process writes runs
     (`tasks`: a NOTIFY's comma-joined task names, `*` for any).
 
@@ -54,12 +76,14 @@ async def watch(db: Database, on_change: Callable[[str | None], None]) -> None:
     Runs until cancelled.
     """
     if db.is_pg:
-        await _watch_pg(db, on_change)
+        await _watch_pg(db, on_change, channel or Channel())
     else:
         await _watch_sqlite(db, on_change)
 
 
-async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> None:
+async def _watch_pg(
+    db: Database, on_change: Callable[[str | None], None], channel: Channel
+) -> None:
     # Imported here: a process on SQLite never loads PostgreSQL's driver (3 MB).
     import asyncpg
 
@@ -73,19 +97,26 @@ async def _watch_pg(db: Database, on_change: Callable[[str | None], None]) -> No
             )
             lost = anyio.Event()
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            await conn.add_listener(
-                NOTIFY_CHANNEL, lambda _c, _pid, _ch, payload: on_change(_names(payload))
-            )
+            own = conn.get_server_pid()
+
+            def heard(_c: object, pid: int, _channel: str, payload: str, own: int = own) -> None:
+                if pid != own:
+                    on_change(_names(payload))
+
+            await conn.add_listener(NOTIFY_CHANNEL, heard)
+            channel.conn = conn
             on_change(None)
             backoff.reset()
             while not lost.is_set():
                 with anyio.move_on_after(5):
                     await lost.wait()
                 if not lost.is_set():
-                    await conn.execute("SELECT 1", timeout=5)  # notice a half-open link
+                    async with channel.lock:  # the sender shares this connection
+                        await conn.execute("SELECT 1", timeout=5)  # notice a half-open link
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("Wake-up listener lost the database (%s); reconnecting", exc)
         finally:
+            channel.conn = None
             if conn is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     await conn.close(timeout=2)

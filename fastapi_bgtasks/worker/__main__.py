@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "--prefetch",
         type=int,
         default=None,
-        help="runs held ready beyond --concurrency (default: = concurrency)",
+        help="runs held ready beyond --concurrency (default: 4 x concurrency)",
     )
     parser.add_argument(
         "--task",

@@ -11,17 +11,24 @@ from typing import Literal
 from ..errors import ConfigurationError
 from ..wire import Hello
 
-__all__ = ["FeedTerms", "SyncIsolation", "WorkerConfig"]
+__all__ = ["PREFETCH_FACTOR", "FeedTerms", "SyncIsolation", "WorkerConfig"]
 
 # Where a sync task runs: a child process the worker can stop (the default),
 # or a thread of the worker's own (faster to start; cannot be stopped).
 SyncIsolation = Literal["process", "thread"]
 
+# The default prefetch, per unit of concurrency: deep enough that a worker
+# of short tasks stays busy while its reports travel (the app frees credit
+# only once a final report lands). The app shares a small batch among the
+# feeds that serve it, so a deep window does not pile a few runs on one
+# worker.
+PREFETCH_FACTOR = 4
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """How a worker connects and how much it takes on. CLI flags map 1:1.
-    `prefetch` None takes as many runs ahead as `concurrency`. `imports`: the
+    `prefetch` None takes `PREFETCH_FACTOR` x `concurrency` runs ahead. `imports`: the
     modules the CLI imported to find the tasks; a sync run's child process
     imports them too, first."""
 
@@ -55,7 +62,8 @@ class WorkerConfig:
     @property
     def slots(self) -> int:
         """Runs the feed may hand this worker at once: running and waiting."""
-        return self.concurrency + (self.concurrency if self.prefetch is None else self.prefetch)
+        prefetch = PREFETCH_FACTOR * self.concurrency if self.prefetch is None else self.prefetch
+        return self.concurrency + prefetch
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
 
@@ -447,6 +448,40 @@ async def test_two_workers_claiming_at_once_never_get_the_same_run_and_together_
             assert (await fetch(store, run_id))["worker_id"] == f"a{round_}"
         for run_id in got_two:
             assert (await fetch(store, run_id))["worker_id"] == f"b{round_}"
+
+
+async def test_a_claim_shared_among_feeds_takes_its_share_of_a_small_batch(
+    store: Store,
+) -> None:
+    for _ in range(3):
+        await submit(store)
+    first = await store.claim(worker_id="w1", tasks=[TASK], slots=50, lease_seconds=LEASE, feeds=2)
+    second = await store.claim(worker_id="w2", tasks=[TASK], slots=50, lease_seconds=LEASE, feeds=2)
+    assert (len(first), len(second)) == (2, 1)
+
+
+async def test_a_claim_shared_among_feeds_still_takes_a_lone_run(store: Store) -> None:
+    await submit(store)
+    taken = await store.claim(worker_id="w1", tasks=[TASK], slots=5, lease_seconds=LEASE, feeds=3)
+    assert len(taken) == 1
+
+
+async def test_a_claim_shared_among_feeds_takes_its_whole_credit_from_a_backlog(
+    store: Store,
+) -> None:
+    for _ in range(30):
+        await submit(store)
+    await submit(store, task="other")
+    taken = await store.claim(
+        worker_id="w1", tasks=[TASK, "other"], slots=8, lease_seconds=LEASE, feeds=3
+    )
+    assert len(taken) == 8
+
+
+async def test_a_claim_for_one_feed_takes_every_due_run_its_credit_allows(store: Store) -> None:
+    for _ in range(3):
+        await submit(store)
+    assert len(await claim(store, slots=50)) == 3
 
 
 # -- re-sending and releasing -------------------------------------------------
@@ -1121,3 +1156,29 @@ async def test_a_failure_reported_after_the_reaper_took_the_lease_back_is_stale(
     outcome = await apply(store, report(lost, "FAILED", error=error("LateError")))
     assert await fetch(store, row["id"]) == before  # the failure was not recorded...
     assert outcome == ["stale"]  # ...so the worker must not be told it was
+
+
+# -- wake-ups between app processes --------------------------------------------
+
+
+async def test_a_store_hears_other_processes_notifications_but_not_its_own(
+    store: Store, second_store: Store
+) -> None:
+    if not store.is_pg:
+        pytest.skip("NOTIFY is PostgreSQL's; SQLite's watcher reads data_version")
+    heard: list[str | None] = []
+
+    async def listening() -> bool:
+        return heard == [None]  # the first pass after connecting
+
+    async def theirs_heard() -> bool:
+        return "theirs" in heard
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.watch, heard.append)
+        await eventually(listening)
+        await store.notify(["ours"])  # sent on the listening connection: no echo
+        await second_store.notify(["theirs"])
+        await eventually(theirs_heard)
+        tg.cancel_scope.cancel()
+    assert heard == [None, "theirs"]

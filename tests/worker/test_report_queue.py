@@ -100,7 +100,7 @@ def test_a_replacement_refused_again_is_dropped_as_stale() -> None:
 
 def test_the_worker_config_is_frozen_and_validated_once() -> None:
     config = WorkerConfig(url="http://127.0.0.1:1/tasks", concurrency=3)
-    assert (config.prefetch, config.slots) == (None, 6)
+    assert (config.prefetch, config.slots) == (None, 15)  # 3 + 4 x 3 ready
     assert WorkerConfig(url="http://h/tasks", concurrency=3, prefetch=0).slots == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.concurrency = 4  # type: ignore[misc]
