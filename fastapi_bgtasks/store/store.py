@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from . import migrations, watch
 from .dialect import Database
+from .fastpath import FastPath
 from .reads import Reads
 from .reports import Reports
 from .submits import Submits
@@ -32,7 +33,8 @@ class Store:
         self.dialect = self.db.dialect
         self.is_pg = self.db.is_pg
 
-        submits = Submits(self.db, self.notify)
+        self._fast = FastPath(self.db) if self.is_pg else None
+        submits = Submits(self.db, self.notify, self._fast)
         self.insert_run = submits.insert_run
         self.insert_runs = submits.insert_runs
 
@@ -63,6 +65,8 @@ class Store:
         self.db.open()
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
         await self.db.close()
 
     async def migrate(self) -> int:
