@@ -93,14 +93,7 @@ async def _deliveries(
             try:
                 # Stamped before the claim: the lease cannot be older than this.
                 leased_at = time.monotonic()
-                unsent = await store.claim(
-                    worker_id=worker_id,
-                    tasks=tasks,
-                    slots=slots,
-                    lease_seconds=hub.settings.lease_seconds,
-                    keys=running.serving.keys.get(worker_id),
-                    feeds=running.serving.feeds_for(tasks),
-                )
+                unsent = await _claim(hub, running, worker_id, tasks, slots)
                 if unsent and worker_id in wakeups.lost_workers:
                     # Reaped meanwhile: hand back what this claim took, now.
                     taken, unsent = unsent, []
@@ -131,6 +124,20 @@ async def _deliveries(
     finally:
         if unsent:
             await _release_unsent(running, unsent)
+
+
+async def _claim(
+    hub: ServerHub, running: Running, worker_id: str, tasks: list[str], slots: int
+) -> Sequence[Mapping[str, Any]]:
+    """Lease this worker its share of the due runs (store.claim)."""
+    return await running.store.claim(
+        worker_id=worker_id,
+        tasks=tasks,
+        slots=slots,
+        lease_seconds=hub.settings.lease_seconds,
+        keys=running.serving.keys.get(worker_id),
+        feeds=running.serving.feeds_for(tasks),
+    )
 
 
 def _hello_event(hub: ServerHub, worker_id: str) -> ServerSentEvent:
