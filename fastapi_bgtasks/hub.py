@@ -214,8 +214,11 @@ class BgTasks:
 
         install_handlers(app)
 
-    def submitter(self) -> Submitter:
-        """A FastAPI dependency: `submit: Submitter = Depends(bg.submitter)`."""
+    async def submitter(self) -> Submitter:
+        """A FastAPI dependency: `submit: Submitter = Depends(bg.submitter)`.
+        Async, so FastAPI calls it on the event loop: a plain `def`
+        dependency costs every request a hop to a worker thread. Outside a
+        route: `submit = await bg.submitter()`."""
         return Submitter(self.dispatch)
 
     async def read_run(self, run_id: uuid.UUID) -> RunDocument:

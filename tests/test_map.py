@@ -162,7 +162,7 @@ async def test_map_with_no_iterables_raises_type_error(tmp_path: Path, entry: st
         if entry == "task":
             await task.map()
         else:
-            await hub.submitter().map(task)
+            await (await hub.submitter()).map(task)
 
 
 async def test_an_empty_iterable_returns_no_runs_and_stores_nothing(
@@ -222,7 +222,7 @@ async def test_mapped_runs_come_back_scheduled_and_read_back_as_stored(migrated:
 
 async def test_submitter_map_stores_one_run_per_item(store: Store, migrated: str) -> None:
     hub = make_hub(migrated)
-    mapped = await hub.submitter().map(task_of(hub, "add"), [1, 2], [3, 4])
+    mapped = await (await hub.submitter()).map(task_of(hub, "add"), [1, 2], [3, 4])
     rows = await stored_rows(store)
     assert [rows[run.id]["args"] for run in mapped] == [[1, 3], [2, 4]]
     assert all(run.task_name == "add" for run in mapped)

@@ -116,7 +116,7 @@ async def test_apply_async_with_a_year_1_eta_raises_before_opening_the_store(
 async def test_submitter_apply_async_checks_the_schedule_too(tmp_path: Path) -> None:
     hub = make_hub(f"sqlite+aiosqlite:///{tmp_path}/x.db")
     with pytest.raises(InvalidSchedule):
-        await hub.submitter().apply_async(hub.tasks["add"], (1, 2), priority=2**40)
+        await (await hub.submitter()).apply_async(hub.tasks["add"], (1, 2), priority=2**40)
     assert not (tmp_path / "x.db").exists()
 
 
@@ -124,7 +124,7 @@ async def test_a_task_of_another_hub_is_refused_before_opening_the_store(tmp_pat
     hub = make_hub(f"sqlite+aiosqlite:///{tmp_path}/x.db")
     other = make_hub(f"sqlite+aiosqlite:///{tmp_path}/y.db")
     with pytest.raises(ConfigurationError, match="another hub"):
-        await hub.submitter().delay(other.tasks["add"], 1, 2)
+        await (await hub.submitter()).delay(other.tasks["add"], 1, 2)
     assert not (tmp_path / "x.db").exists()
 
 
@@ -185,7 +185,7 @@ async def test_every_python_entry_point_refuses_a_schedule_out_of_range_and_stor
         with pytest.raises(InvalidSchedule):
             await hub.tasks["add"].apply_async((1, 2), **fields)
         with pytest.raises(InvalidSchedule):
-            await hub.submitter().apply_async(hub.tasks["add"], (1, 2), **fields)
+            await (await hub.submitter()).apply_async(hub.tasks["add"], (1, 2), **fields)
         assert await runs_of_add(http) == []
 
 

@@ -409,3 +409,5 @@ def test_every_dependency_of_the_task_api_is_async() -> None:
     for route in routes:
         visit(route.dependant, route.path)
     assert sync == []
+    # And the one a host's routes use: `Depends(bg.submitter)`.
+    assert inspect.iscoroutinefunction(BgTasks("sqlite+aiosqlite:///x.db").submitter)
