@@ -1,13 +1,17 @@
 """The benchmark suite, on SQLite and PostgreSQL.
 
     python -m benchmarks [--quick] [--workloads W1,W2,...] [--backends sqlite,postgres]
-                         [--runs N] [--repeat K] [--table-sizes 1000,100000,...]
-                         [--http-client raw|httpx] [--profile DIR] [--output FILE]
+                         [--runs N] [--drain-runs N] [--repeat K]
+                         [--table-sizes 1000,100000,...] [--http-client raw|httpx]
+                         [--profile DIR] [--output FILE]
 
 Workloads (default: all), each run on each backend, median of --repeat (3):
 
 - W1   N no-op runs (--runs, 1,000) submitted one by one by a script while one
-       worker waits: submit/s and drain/s (first created_at to last finished_at).
+       worker waits: submit/s and drain/s (first created_at to last finished_at),
+       and what each run cost: CPU ms (the app, the worker, the submitter's loop,
+       PostgreSQL's backends of the bench database), commits and WAL bytes
+       (benchmarks/cost.py). W2, W1c, W6 and W8 report the same.
 - W2   W1 with two workers.
 - W1c  W1 with the N submits made by 50 coroutines on one event loop.
 - W3   pickup latency (submit to task body start) at 10 submits/s for 20 s.
@@ -22,6 +26,14 @@ Workloads (default: all), each run on each backend, median of --repeat (3):
 - MEM  the app's RSS with the plugin against a bare FastAPI app
        (the worker's RSS, idle and after its runs, is in W1's table).
 - RAW  raw asyncpg / sqlite3 loops into the same table: the floor.
+- W1P  side by side, round by round: the raw single-row INSERT+commit loop,
+       our W1, and PgQueuer's W1 (one `Queries.enqueue` per job, one worker).
+- DRAIN side by side, round by round: a backlog of --drain-runs (10,000) runs
+       queued before one worker starts; drain/s from its first claim to the last
+       finished, and the cost per run; ours at defaults and with --prefetch 90,
+       PgQueuer at defaults and with batch_size=100 (benchmarks/peer.py).
+       PgQueuer's rows are PostgreSQL only. Both tables end with the medians of
+       each round's ratios, ours ÷ PgQueuer (and ours ÷ the raw floor).
 
 Prints a table per workload and writes benchmarks/results/latest.json
 (--quick: quick.json) with every sample and the machine. Asserts nothing

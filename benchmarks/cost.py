@@ -22,11 +22,13 @@ own). Every backend flushes at exit, so `figures` ends the bench
 database's sessions (`pg_terminate_backend`) before its last read: the
 window is over and the bench is about to stop them anyway. Counters that
 idle processes still held when the window started (their last few
-statements) may land inside it. WAL is `pg_wal_lsn_diff` of
-`pg_current_wal_lsn()` at start and stop: the whole server's WAL, so
-anything else writing on the server in the window counts too;
-`others_active_max` says how many other databases' backends were busy at
-the samples.
+statements) may land inside it.
+
+WAL: the bench database's own records between the LSNs at start and stop
+(benchmarks/wal.py, `wal_bytes_per_run`), and how far the server's LSN
+moved (`pg_wal_lsn_diff`, `wal_server_bytes_per_run`), which counts
+anything else writing on the server in the window too; `others_active_max`
+says how many other databases' backends were busy at the samples.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import anyio
 import psutil
 
 from benchmarks.harness import PG_ADMIN, Database
+from benchmarks.wal import WalSource, own_bytes, reserve
 
 SAMPLE_SECONDS = 0.1
 # pg_terminate_backend's wait for each backend to be gone (its counters flushed).
@@ -87,7 +91,9 @@ class Meter:
     _admin: Any = None  # an asyncpg connection to the admin database
     _commits0 = 0
     _lsn0 = ""
+    _lsn1 = ""
     _wal_bytes = 0.0
+    _wal: WalSource | None = None
     _others_active = 0
 
     async def __aenter__(self) -> Meter:
@@ -115,11 +121,6 @@ class Meter:
     def exclude(self, pid: int) -> None:
         """A server backend not to count: the harness's own connection."""
         self._excluded.add(pid)
-
-    def cpu_of(self, pid: int) -> float:
-        """The CPU counted so far for one tracked process."""
-        seen = self._seen.get(pid)
-        return seen.last - seen.base if seen else 0.0
 
     def _see(self, role: str, pid: int, *, fresh: bool) -> None:
         cpu = cpu_seconds(pid)
@@ -152,15 +153,19 @@ class Meter:
         await self.sample()
         self._started = True
         if self._admin is not None:
+            self._wal = await reserve(self._admin, str(self.db.name))
             self._commits0 = await self._commits()
             self._lsn0 = await self._admin.fetchval("SELECT pg_current_wal_lsn()::text")
 
     async def stop(self) -> None:
         await self.sample()
         if self._admin is not None:
+            self._lsn1 = await self._admin.fetchval("SELECT pg_current_wal_lsn()::text")
             self._wal_bytes = float(
                 await self._admin.fetchval(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", self._lsn0
+                    "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)",
+                    self._lsn1,
+                    self._lsn0,
                 )
             )
 
@@ -195,6 +200,10 @@ class Meter:
             )
             commits = await self._commits() - self._commits0 - own_commits
             figures["commits_per_run"] = commits / runs
-            figures["wal_bytes_per_run"] = self._wal_bytes / runs
+            figures["wal_server_bytes_per_run"] = self._wal_bytes / runs
+            if self._wal is not None:
+                own = await anyio.to_thread.run_sync(own_bytes, self._wal, self._lsn0, self._lsn1)
+                if own is not None:
+                    figures["wal_bytes_per_run"] = own / runs
             figures["others_active_max"] = self._others_active
         return figures

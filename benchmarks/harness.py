@@ -169,6 +169,7 @@ class HeldClient:
 
     process: anyio.abc.Process
     name: str
+    log_tail: Callable[[], str]
     _stdout: bytearray = field(default_factory=bytearray)
     _done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -184,7 +185,9 @@ class HeldClient:
     def check(self) -> None:
         """Raise if the client exited before printing its result."""
         if self.process.returncode is not None and not self._done.is_set():
-            raise RuntimeError(f"client {self.name} exited {self.process.returncode}")
+            raise RuntimeError(
+                f"client {self.name} exited {self.process.returncode}\n{self.log_tail()}"
+            )
 
     async def result(self, timeout: float = 60) -> dict[str, Any]:
         with anyio.fail_after(timeout):
@@ -348,7 +351,7 @@ class Bench:
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             cwd=ROOT, env=self.env,
         )  # fmt: skip
-        held = HeldClient(process, " ".join(args))
+        held = HeldClient(process, " ".join(args), self.log_tail)
         async with anyio.create_task_group() as tg:
             tg.start_soon(held.read)
             try:

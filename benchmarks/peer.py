@@ -184,7 +184,11 @@ _COST = (
     ("cpu_worker_ms_per_run", "worker", ".3f"),
     ("cpu_pg_ms_per_run", "PG", ".3f"),
 )
-_DB = (("commits_per_run", "commits/run", ".2f"), ("wal_bytes_per_run", "WAL B/run", ".0f"))
+_DB = (
+    ("commits_per_run", "commits/run", ".2f"),
+    ("wal_bytes_per_run", "WAL B/run", ".0f"),
+    ("wal_server_bytes_per_run", "server WAL", ".0f"),
+)
 W1_COLUMNS = (
     ("submit_per_s", "submit/s", ".0f"),
     ("drain_per_s", "drain/s", ".0f"),
