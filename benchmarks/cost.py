@@ -181,7 +181,7 @@ class Meter:
     ) -> dict[str, Any]:
         """Per run, after `stop()` and after the harness's own connection to
         the bench database closed. Ends the database's other sessions."""
-        by_role = {"app": 0.0, "worker": 0.0}
+        by_role = dict.fromkeys(self._roots.values(), 0.0)
         if self._admin is not None:
             by_role["pg"] = 0.0
         for seen in self._seen.values():

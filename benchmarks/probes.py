@@ -1,6 +1,9 @@
-"""Watching a drain from outside, the same way for both queues: how many runs
-have finished, whether the first claim has happened, and afterwards the
-times each queue stored, read from its own tables.
+"""Measuring a drain from outside, the same way for both queues, in the two
+shapes the workloads share: `submitted` (W1: a script submits while the
+workers wait) and `backlog` (DRAIN: the runs are queued, then one worker
+starts). A probe says how many runs have finished and whether the first
+claim has happened, and afterwards reads the times each queue stored in
+its own tables:
 
     time              ours                               PgQueuer (pgqueuer_log)
     first submitted   min(bgtasks_runs.created_at)       min(created), status queued
