@@ -604,7 +604,7 @@ def _filesystem(path: Path) -> str | None:
 
 PACKAGES = (
     "fastapi-bgtasks", "fastapi", "starlette", "uvicorn", "sqlalchemy", "asyncpg",
-    "aiosqlite", "pydantic", "httpx", "anyio",
+    "aiosqlite", "pydantic", "httpx", "anyio", "uvloop", "pgqueuer",
 )  # fmt: skip
 
 
