@@ -3,8 +3,11 @@ uvicorn, workers, and a client process applying the load. Each function runs
 one repetition on one backend and returns its figures.
 
 W1, W2, W1c and W6 share one shape (submit from a client, drain with N
-workers, read the drain window from the stored times); W3 (pickup latency),
-W5 (a route's submit overhead) and MEM (resident memory) have their own.
+workers, read the drain window from the stored times and the cost per run:
+probes.submitted); `drain` is our side of DRAIN (a queued backlog, then
+one worker: probes.backlog; PgQueuer's side is in peer.py); W3 (pickup
+latency), W5 (a route's submit overhead) and MEM (resident memory) have
+their own.
 """
 
 from __future__ import annotations
