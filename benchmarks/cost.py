@@ -25,7 +25,8 @@ idle processes still held when the window started (their last few
 statements) may land inside it.
 
 WAL: the bench database's own records between the LSNs at start and stop
-(benchmarks/wal.py, `wal_bytes_per_run`), and how far the server's LSN
+(benchmarks/wal.py, `wal_bytes_per_run`; without full-page images
+`wal_records_bytes_per_run`), and how far the server's LSN
 moved (`pg_wal_lsn_diff`, `wal_server_bytes_per_run`), which counts
 anything else writing on the server in the window too; `others_active_max`
 says how many other databases' backends were busy at the samples.
@@ -204,6 +205,7 @@ class Meter:
             if self._wal is not None:
                 own = await anyio.to_thread.run_sync(own_bytes, self._wal, self._lsn0, self._lsn1)
                 if own is not None:
-                    figures["wal_bytes_per_run"] = own / runs
+                    figures["wal_bytes_per_run"] = own.total / runs
+                    figures["wal_records_bytes_per_run"] = own.records / runs
             figures["others_active_max"] = self._others_active
         return figures

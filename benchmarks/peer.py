@@ -140,7 +140,10 @@ DRAIN_CASES = (
 )  # fmt: skip
 # (ours, PgQueuer) compared in each round, and the figures compared.
 PAIRS = (("ours", "pgq"), ("ours_best", "pgq_best"))
-RATIOS = ("submit_per_s", "drain_per_s", "cpu_ms_per_run", "commits_per_run", "wal_bytes_per_run")
+RATIOS = (
+    "submit_per_s", "drain_per_s", "cpu_ms_per_run", "commits_per_run",
+    "wal_bytes_per_run", "wal_records_bytes_per_run",
+)  # fmt: skip
 
 
 def _round(cases: Sequence[Case], backend: str, ctx: Context) -> dict[str, Any]:
@@ -187,6 +190,7 @@ _COST = (
 _DB = (
     ("commits_per_run", "commits/run", ".2f"),
     ("wal_bytes_per_run", "WAL B/run", ".0f"),
+    ("wal_records_bytes_per_run", "w/o FPI", ".0f"),
     ("wal_server_bytes_per_run", "server WAL", ".0f"),
 )
 W1_COLUMNS = (
@@ -206,6 +210,7 @@ DRAIN_COLUMNS = (
 _RATIO_HEADERS = {
     "submit_per_s": "submit/s", "drain_per_s": "drain/s", "cpu_ms_per_run": "CPU/run",
     "commits_per_run": "commits/run", "wal_bytes_per_run": "WAL/run",
+    "wal_records_bytes_per_run": "WAL w/o FPI",
 }  # fmt: skip
 
 

@@ -7,7 +7,10 @@ A record is the bench database's if it names one of its relations
 (`rel T/<db oid>/R`) or the database itself (`db <oid>`), or if it belongs
 to a transaction that wrote such a record (its commit). Page headers
 between records are left out, so the sum is a few percent under what the
-LSN moved by for the same writes. A temporary physical replication slot,
+LSN moved by for the same writes. The sum without full-page images is
+given too: a checkpoint (another database's CREATE or DROP DATABASE forces
+one) makes the next change to every page write the page whole, which
+moves the total by more than any change of ours would. A temporary physical replication slot,
 made at the window's start, keeps the segments from being recycled until
 they are read; it goes with the session that made it.
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_RECORD = re.compile(r"len \(rec/tot\):\s*\d+/\s*(\d+), tx:\s*(\d+),")
+_RECORD = re.compile(r"len \(rec/tot\):\s*(\d+)/\s*(\d+), tx:\s*(\d+),")
 
 
 @dataclass(frozen=True)
@@ -65,27 +68,34 @@ def _locate(version: int, data_directory: str) -> tuple[str, str] | None:
     return (waldump, str(directory)) if waldump and readable else None
 
 
-def own_bytes(source: WalSource, start: str, end: str) -> int | None:
+@dataclass(frozen=True)
+class OwnWal:
+    total: int  # the records' full length
+    records: int  # without the full-page images a checkpoint makes the next change write
+
+
+def own_bytes(source: WalSource, start: str, end: str) -> OwnWal | None:
     """The bench database's WAL bytes between two LSNs, None if unreadable."""
     if start == end:
-        return 0
+        return OwnWal(0, 0)
     mine = re.compile(rf"\brel \d+/{source.db_oid}/|\bdb {source.db_oid}\b")
     command = [source.waldump, "-p", source.directory, "-s", start, "-e", end]
     own_transactions: set[int] = set()
-    total = 0
+    total = records = 0
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     ) as dump:
         assert dump.stdout is not None
         for line in dump.stdout:
-            record = _RECORD.search(line)
-            if record is None:
+            found = _RECORD.search(line)
+            if found is None:
                 continue
-            length, xid = int(record[1]), int(record[2])
+            record, length, xid = int(found[1]), int(found[2]), int(found[3])
             if mine.search(line):
-                total += length
                 if xid:
                     own_transactions.add(xid)
-            elif xid in own_transactions:
-                total += length
-    return total if dump.returncode == 0 else None
+            elif xid not in own_transactions:
+                continue
+            total += length
+            records += record
+    return OwnWal(total, records) if dump.returncode == 0 else None
