@@ -165,33 +165,31 @@ class Server:
 
 @dataclass
 class HeldClient:
-    """A client process started by `Bench.held_client`: its result, once printed."""
+    """A client process started by `Bench.held_client`. It prints its result
+    and then waits for its stdin to close, so it never exits on its own
+    while held: an exit is a failure."""
 
     process: anyio.abc.Process
     name: str
     log_tail: Callable[[], str]
     _stdout: bytearray = field(default_factory=bytearray)
-    _done: anyio.Event = field(default_factory=anyio.Event)
-
-    async def read(self) -> None:
-        assert self.process.stdout is not None
-        async for chunk in self.process.stdout:
-            self._stdout += chunk
-            lines = bytes(self._stdout).split(b"\n")[:-1]  # the complete ones
-            if any(line.startswith(RESULT_PREFIX.encode()) for line in lines):
-                self._done.set()
-        self._done.set()
 
     def check(self) -> None:
-        """Raise if the client exited before printing its result."""
-        if self.process.returncode is not None and not self._done.is_set():
+        """Raise, with the processes' log, if the client has exited."""
+        if self.process.returncode is not None:
             raise RuntimeError(
                 f"client {self.name} exited {self.process.returncode}\n{self.log_tail()}"
             )
 
     async def result(self, timeout: float = 60) -> dict[str, Any]:
+        """The figures it printed (its stdout carries nothing else)."""
+        assert self.process.stdout is not None
         with anyio.fail_after(timeout):
-            await self._done.wait()
+            async for chunk in self.process.stdout:
+                self._stdout += chunk
+                lines = bytes(self._stdout).split(b"\n")[:-1]  # the complete ones
+                if any(line.startswith(RESULT_PREFIX.encode()) for line in lines):
+                    break
         return parse_result(self._stdout.decode(errors="replace"))
 
 
@@ -351,21 +349,17 @@ class Bench:
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             cwd=ROOT, env=self.env,
         )  # fmt: skip
-        held = HeldClient(process, " ".join(args), self.log_tail)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(held.read)
-            try:
-                yield held
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if process.stdin is not None:
-                        await process.stdin.aclose()
-                    with anyio.move_on_after(30) as waited:
-                        await process.wait()
-                    if waited.cancelled_caught:
-                        process.kill()
-                        await process.wait()
-                tg.cancel_scope.cancel()
+        try:
+            yield HeldClient(process, " ".join(args), self.log_tail)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.stdin is not None:
+                    await process.stdin.aclose()
+                with anyio.move_on_after(30) as waited:
+                    await process.wait()
+                if waited.cancelled_caught:
+                    process.kill()
+                    await process.wait()
 
     def check_alive(self) -> None:
         """Raise, with the processes' log, if any process this bench started died."""
