@@ -189,7 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)",
     )
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--runs", type=int, help="runs of W1, W2, W1c (default 1000; quick 100)")
+    parser.add_argument(
+        "--runs", type=int, help="runs of W1, W2, W1c, W1P (default 1000; quick 100)"
+    )
     parser.add_argument(
         "--drain-runs", type=int, help="DRAIN's backlog (default 10000; quick 1000)"
     )
