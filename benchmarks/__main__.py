@@ -1,13 +1,17 @@
 """The benchmark suite, on SQLite and PostgreSQL.
 
     python -m benchmarks [--quick] [--workloads W1,W2,...] [--backends sqlite,postgres]
-                         [--runs N] [--repeat K] [--table-sizes 1000,100000,...]
-                         [--http-client raw|httpx] [--profile DIR] [--output FILE]
+                         [--runs N] [--drain-runs N] [--repeat K]
+                         [--table-sizes 1000,100000,...] [--http-client raw|httpx]
+                         [--profile DIR] [--output FILE]
 
 Workloads (default: all), each run on each backend, median of --repeat (3):
 
 - W1   N no-op runs (--runs, 1,000) submitted one by one by a script while one
-       worker waits: submit/s and drain/s (first created_at to last finished_at).
+       worker waits: submit/s and drain/s (first created_at to last finished_at),
+       and what each run cost: CPU ms (the app, the worker, the submitter's loop,
+       PostgreSQL's backends of the bench database), commits and WAL bytes
+       (benchmarks/cost.py). W2, W1c, W6 and W8 report the same.
 - W2   W1 with two workers.
 - W1c  W1 with the N submits made by 50 coroutines on one event loop.
 - W3   pickup latency (submit to task body start) at 10 submits/s for 20 s.
@@ -22,6 +26,14 @@ Workloads (default: all), each run on each backend, median of --repeat (3):
 - MEM  the app's RSS with the plugin against a bare FastAPI app
        (the worker's RSS, idle and after its runs, is in W1's table).
 - RAW  raw asyncpg / sqlite3 loops into the same table: the floor.
+- W1P  side by side, round by round: the raw single-row INSERT+commit loop,
+       our W1, and PgQueuer's W1 (one `Queries.enqueue` per job, one worker).
+- DRAIN side by side, round by round: a backlog of --drain-runs (10,000) runs
+       queued before one worker starts; drain/s from its first claim to the last
+       finished, and the cost per run; ours at defaults and with --prefetch 90,
+       PgQueuer at defaults and with batch_size=100 (benchmarks/peer.py).
+       PgQueuer's rows are PostgreSQL only. Both tables end with the medians of
+       each round's ratios, ours ÷ PgQueuer (and ours ÷ the raw floor).
 
 Prints a table per workload and writes benchmarks/results/latest.json
 (--quick: quick.json) with every sample and the machine. Asserts nothing
@@ -42,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import growth, raw, workloads
+from benchmarks import growth, peer, raw, workloads
 from benchmarks.harness import QUICK, ROOT, Context, Sizes, machine_info, medians
 from benchmarks.report import Column, table, write_json
 
@@ -55,6 +67,8 @@ class Workload:
     title: str
     run: Callable[[str, Context], dict[str, Any]]
     columns: Callable[[Sizes], list[Column]]
+    # A table of its own (the side-by-side ones), instead of one line per backend.
+    render: Callable[[str, Sequence[dict[str, Any]]], str] | None = None
 
 
 def _throughput_columns(_sizes: Sizes) -> list[Column]:
@@ -62,6 +76,9 @@ def _throughput_columns(_sizes: Sizes) -> list[Column]:
         Column("runs", "runs"),
         Column("submit_per_s", "submit/s"),
         Column("drain_per_s", "drain/s"),
+        Column("cpu_ms_per_run", "CPU ms/run", ".3f"),
+        Column("commits_per_run", "commits/run", ".2f"),
+        Column("wal_bytes_per_run", "WAL B/run"),
         Column("worker_rss_idle_mb", "worker MB idle", ".1f"),
         Column("worker_rss_after_mb", "worker MB after", ".1f"),
         Column("app_rss_after_mb", "app MB after", ".1f"),
@@ -73,6 +90,7 @@ def _map_columns(_sizes: Sizes) -> list[Column]:
         Column("runs", "runs"),
         Column("submit_per_s", "map runs/s"),
         Column("drain_per_s", "drain/s"),
+        Column("cpu_ms_per_run", "CPU ms/run", ".3f"),
     ]
 
 
@@ -122,6 +140,10 @@ def _memory_columns(_sizes: Sizes) -> list[Column]:
     ]
 
 
+def _no_columns(_sizes: Sizes) -> list[Column]:
+    return []
+
+
 def _raw_columns(_sizes: Sizes) -> list[Column]:
     return [
         Column("rows", "rows"),
@@ -146,6 +168,10 @@ WORKLOADS = {
         Workload("W7", "W7: cost as the table grows (p50)", growth.w7, _growth_columns),
         Workload("MEM", "MEM: resident memory of the app", workloads.memory, _memory_columns),
         Workload("RAW", "RAW: the drivers alone, same table", raw.raw, _raw_columns),
+        Workload("W1P", "W1P: W1 beside PgQueuer and the raw floor, round by round",
+                 peer.w1p, _no_columns, peer.render_w1p),
+        Workload("DRAIN", "DRAIN: a queued backlog, one worker, beside PgQueuer, round by round",
+                 peer.drain, _no_columns, peer.render_drain),
     ]
 }  # fmt: skip
 
@@ -163,7 +189,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)",
     )
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--runs", type=int, help="runs of W1, W2, W1c (default 1000; quick 100)")
+    parser.add_argument(
+        "--runs", type=int, help="runs of W1, W2, W1c, W1P (default 1000; quick 100)"
+    )
+    parser.add_argument(
+        "--drain-runs", type=int, help="DRAIN's backlog (default 10000; quick 1000)"
+    )
     parser.add_argument("--repeat", type=int, help="repetitions per figure (default 3; quick 1)")
     parser.add_argument(
         "--table-sizes",
@@ -200,6 +231,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else Sizes()
     if args.runs is not None:
         sizes = dataclasses.replace(sizes, runs=args.runs)
+    if args.drain_runs is not None:
+        sizes = dataclasses.replace(sizes, drain_runs=args.drain_runs)
     if args.table_sizes:
         table_sizes = tuple(sorted({int(s) for s in args.table_sizes.split(",") if s}))
         sizes = dataclasses.replace(sizes, table_sizes=table_sizes)
@@ -259,7 +292,11 @@ def run_suite(
         workload = WORKLOADS[name]
         rows = [measure(workload, backend, ctx, repeat) for backend in backends]
         document["results"].extend(rows)
-        print(table(f"{workload.title} (median of {repeat})", workload.columns(ctx.sizes), rows))
+        title = f"{workload.title} (median of {repeat})"
+        if workload.render is not None:
+            print(workload.render(title, rows))
+        else:
+            print(table(title, workload.columns(ctx.sizes), rows))
         print(flush=True)
         document["seconds"] = time.monotonic() - started
         write_json(out, document)

@@ -7,13 +7,22 @@ another service would be), printing its figures as one `RESULT {json}` line:
     python -m benchmarks.clients http --base URL --paths /baseline,/submit \
         --requests N --concurrency 10 --warmup W [--client raw|httpx]
     python -m benchmarks.clients map --runs N
+    python -m benchmarks.clients peer-sequential --runs N
+    python -m benchmarks.clients peer-backlog --runs N
 
-Submitting clients go straight to the store named by BGTASKS_DATABASE_URL.
+Submitting clients go straight to the store named by BGTASKS_DATABASE_URL;
+the `peer-` ones submit PgQueuer jobs with its `Queries.enqueue` into the
+database named by PGDSN. Each reports the CPU its submits took
+(`submit_cpu_s`, the process's clock over the same span as `submit_seconds`).
+With --hold a client keeps running, its connections open, until its stdin
+closes: the harness reads the database's side of them first.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,10 +42,10 @@ async def sequential(runs: int) -> dict[str, Any]:
     """W1/W2: one `await noop.delay()` after another."""
     from benchmarks.benchtasks import noop
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for _ in range(runs):
         await noop.delay()
-    return {"submit_seconds": time.perf_counter() - started}
+    return _spent(started, cpu)
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -52,11 +61,11 @@ async def concurrent(runs: int, submitters: int) -> dict[str, Any]:
         for _ in range(count):
             await noop.delay()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with anyio.create_task_group() as tg:
         for count in _shares(runs, submitters):
             tg.start_soon(submitter, count)
-    return {"submit_seconds": time.perf_counter() - started}
+    return _spent(started, cpu)
 
 
 async def paced(rate: float, seconds: float) -> dict[str, Any]:
@@ -94,12 +103,60 @@ async def bulk_map(runs: int, sync: bool = False) -> dict[str, Any]:
     if not hasattr(Task, "map"):
         return {"skipped": "no Task.map"}
     await noop.delay()  # opens this loop's store: one statement should not pay a connect
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     handles = await (item_sync if sync else item).map(range(runs))
-    elapsed = time.perf_counter() - started
+    spent = _spent(started, cpu)
     if len(handles) != runs:
         raise RuntimeError(f"map returned {len(handles)} runs for {runs} inputs")
-    return {"submit_seconds": elapsed}
+    return spent
+
+
+# -- submitting PgQueuer jobs -------------------------------------------------
+
+
+@asynccontextmanager
+async def peer_queries() -> AsyncIterator[Any]:
+    """PgQueuer's `Queries` over one asyncpg connection, as its documentation submits."""
+    import asyncpg
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.queries import Queries
+
+    connection = await asyncpg.connect(os.environ["PGDSN"])
+    try:
+        yield Queries(AsyncpgDriver(connection))
+    finally:
+        await connection.close()
+
+
+async def peer_sequential(queries: Any, runs: int) -> dict[str, Any]:
+    """W1 for PgQueuer: one `Queries.enqueue` call per job."""
+    from benchmarks.peerapp import NOOP
+
+    started, cpu = time.perf_counter(), time.process_time()
+    for _ in range(runs):
+        await queries.enqueue(NOOP, None)
+    return _spent(started, cpu)
+
+
+async def peer_backlog(queries: Any, runs: int) -> dict[str, Any]:
+    """DRAIN's backlog for PgQueuer: one batched `Queries.enqueue` of every
+    job, each with its index as payload (as `item.map(range(N))` stores it)."""
+    from benchmarks.peerapp import ITEM
+
+    payloads = [str(i).encode() for i in range(runs)]
+    started, cpu = time.perf_counter(), time.process_time()
+    ids = await queries.enqueue([ITEM] * runs, payloads, [0] * runs)
+    spent = _spent(started, cpu)
+    if len(ids) != runs:
+        raise RuntimeError(f"enqueue returned {len(ids)} ids for {runs} jobs")
+    return spent
+
+
+def _spent(started: float, cpu: float) -> dict[str, Any]:
+    return {
+        "submit_seconds": time.perf_counter() - started,
+        "submit_cpu_s": time.process_time() - cpu,
+    }
 
 
 # -- HTTP load ------------------------------------------------------------------
@@ -209,6 +266,9 @@ async def http_load(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.clients")
+    parser.add_argument(
+        "--hold", action="store_true", help="after the result, wait for stdin to close"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("sequential")
     command.add_argument("--runs", type=int, required=True)
@@ -228,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     command = commands.add_parser("map")
     command.add_argument("--runs", type=int, required=True)
     command.add_argument("--sync", action="store_true")
+    for name in ("peer-sequential", "peer-backlog"):
+        command = commands.add_parser(name)
+        command.add_argument("--runs", type=int, required=True)
     return parser
 
 
@@ -246,8 +309,24 @@ async def _dispatch(args: argparse.Namespace) -> dict[str, Any]:
     return await bulk_map(args.runs, args.sync)
 
 
+async def _report(figures: dict[str, Any], hold: bool) -> None:
+    """Print the figures; under --hold, then wait (connections open) for stdin to close."""
+    emit(figures)
+    if hold:
+        await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    if args.command in ("peer-sequential", "peer-backlog"):
+        submit = peer_sequential if args.command == "peer-sequential" else peer_backlog
+        async with peer_queries() as queries:
+            await _report(await submit(queries, args.runs), args.hold)
+        return
+    await _report(await _dispatch(args), args.hold)
+
+
 def main() -> None:
-    emit(anyio.run(_dispatch, _parser().parse_args()))
+    anyio.run(_main, _parser().parse_args())
 
 
 if __name__ == "__main__":

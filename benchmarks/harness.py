@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import IO, Any
 
 import anyio
+import anyio.abc
 import httpx
 import psutil
 
@@ -58,6 +59,7 @@ class Sizes:
     table_sizes: tuple[int, ...] = (1_000, 100_000, 1_000_000)  # W7
     table_samples: int = 200  # W7, per figure
     raw_rows: int = 3_000  # RAW
+    drain_runs: int = 10_000  # DRAIN, the backlog
     memory_requests: int = 20  # MEM, per route
 
 
@@ -70,6 +72,7 @@ QUICK = Sizes(
     table_sizes=(1_000, 10_000),
     table_samples=50,
     raw_rows=300,
+    drain_runs=1_000,
 )
 
 
@@ -160,6 +163,36 @@ class Server:
         return f"{self.base}/tasks"
 
 
+@dataclass
+class HeldClient:
+    """A client process started by `Bench.held_client`. It prints its result
+    and then waits for its stdin to close, so it never exits on its own
+    while held: an exit is a failure."""
+
+    process: anyio.abc.Process
+    name: str
+    log_tail: Callable[[], str]
+    _stdout: bytearray = field(default_factory=bytearray)
+
+    def check(self) -> None:
+        """Raise, with the processes' log, if the client has exited."""
+        if self.process.returncode is not None:
+            raise RuntimeError(
+                f"client {self.name} exited {self.process.returncode}\n{self.log_tail()}"
+            )
+
+    async def result(self, timeout: float = 60) -> dict[str, Any]:
+        """The figures it printed (its stdout carries nothing else)."""
+        assert self.process.stdout is not None
+        with anyio.fail_after(timeout):
+            async for chunk in self.process.stdout:
+                self._stdout += chunk
+                lines = bytes(self._stdout).split(b"\n")[:-1]  # the complete ones
+                if any(line.startswith(RESULT_PREFIX.encode()) for line in lines):
+                    break
+        return parse_result(self._stdout.decode(errors="replace"))
+
+
 def _prefetch() -> list[str]:
     """Worker prefetch for tuning runs (BGTASKS_BENCH_PREFETCH); the CLI default otherwise."""
     prefetch = os.environ.get("BGTASKS_BENCH_PREFETCH")
@@ -193,6 +226,8 @@ class Bench:
             raise
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         self.env = dict(os.environ, BGTASKS_DATABASE_URL=self.db.url, PYTHONPATH=path)
+        if self.db.dsn:  # where PgQueuer's processes (benchmarks/peer.py) look
+            self.env["PGDSN"] = self.db.dsn
         # A URL would send the clients' submits over HTTP instead of to the store.
         self.env.pop("BGTASKS_URL", None)
         return self
@@ -216,7 +251,7 @@ class Bench:
 
     # -- starting processes ----------------------------------------------
 
-    def _spawn(self, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def spawn(self, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, *args], env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -229,7 +264,7 @@ class Bench:
         """uvicorn serving `target`; returns once `ready_path` answers 200."""
         port = free_port()
         args = ["-m", "uvicorn", target, "--port", str(port), "--log-level", "warning"]
-        proc = self._spawn([*args, "--no-access-log"], self.env)
+        proc = self.spawn([*args, "--no-access-log"], self.env)
         server = Server(proc, port)
         deadline = time.monotonic() + 30
         while not _answers(server.base + ready_path):
@@ -243,13 +278,18 @@ class Bench:
         server: Server,
         concurrency: int = int(os.environ.get("BGTASKS_BENCH_CONCURRENCY", "10")),
         options: tuple[str, ...] = (),
+        *,
+        ready: bool = True,
     ) -> subprocess.Popen[bytes]:
         """A worker process for benchtasks' tasks; returns once it holds a
-        connection to the app (its feed), plus a moment for the first claim."""
+        connection to the app (its feed), plus a moment for the first claim
+        (with `ready=False`, as soon as it is started)."""
         env = {k: v for k, v in self.env.items() if k != "BGTASKS_DATABASE_URL"}
         args = ["-m", "fastapi_bgtasks.worker", "benchmarks.benchtasks", "--url", server.tasks_url]
         args += ["--concurrency", str(concurrency), *_prefetch(), *options]
-        proc = self._spawn([*args, "--log-level", "WARNING"], env)
+        proc = self.spawn([*args, "--log-level", "WARNING"], env)
+        if not ready:
+            return proc
         deadline = time.monotonic() + 30
         while not _connected(proc.pid, server.port):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -272,22 +312,54 @@ class Bench:
             )
         )
 
-    def client(self, *args: str, profile_as: str | None = None) -> dict[str, Any]:
-        """Run `python -m benchmarks.clients ARGS` to completion and return
-        the figures it printed. Under --profile, py-spy records it too."""
+    def _client_command(self, args: Sequence[str], profile_as: str | None) -> list[str]:
         command = [sys.executable, "-m", "benchmarks.clients", *args]
         if self.profile is not None and profile_as is not None:
             self.profile.mkdir(parents=True, exist_ok=True)
             out = self.profile / f"{profile_as}.txt"
             command = [PY_SPY, "record", "-r", "200", "-f", "raw", "-o", str(out), "--", *command]
+        return command
+
+    def client(self, *args: str, profile_as: str | None = None) -> dict[str, Any]:
+        """Run `python -m benchmarks.clients ARGS` to completion and return
+        the figures it printed. Under --profile, py-spy records it too."""
         done = subprocess.run(
-            command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=900
+            self._client_command(args, profile_as),
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         if done.returncode != 0:
             raise RuntimeError(
                 f"client {' '.join(args)} exited {done.returncode}\n{done.stderr[-3000:]}"
             )
         return parse_result(done.stdout)
+
+    @asynccontextmanager
+    async def held_client(
+        self, *args: str, profile_as: str | None = None
+    ) -> AsyncIterator[HeldClient]:
+        """`python -m benchmarks.clients --hold ARGS`, kept running (its
+        connections open) until the block ends, so what its database
+        backends did can be read while they still exist."""
+        command = self._client_command(["--hold", *args], profile_as)
+        process = await anyio.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            cwd=ROOT, env=self.env,
+        )  # fmt: skip
+        try:
+            yield HeldClient(process, " ".join(args), self.log_tail)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if process.stdin is not None:
+                    await process.stdin.aclose()
+                with anyio.move_on_after(30) as waited:
+                    await process.wait()
+                if waited.cancelled_caught:
+                    process.kill()
+                    await process.wait()
 
     def check_alive(self) -> None:
         """Raise, with the processes' log, if any process this bench started died."""
@@ -355,7 +427,7 @@ def rss_mb(pid: int) -> float:
 # -- the outcome, read back from the store -----------------------------------
 
 
-def _as_datetime(value: Any) -> datetime:
+def as_datetime(value: Any) -> datetime:
     """SQLite's min()/max() over DATETIME text loses the type."""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
@@ -391,7 +463,7 @@ async def drain_window(
                             ).where(ours)
                         )
                     ).one()
-                    first, last = _as_datetime(row[0]), _as_datetime(row[1])
+                    first, last = as_datetime(row[0]), as_datetime(row[1])
                     return (last - first).total_seconds()
             check()
             if time.monotonic() > deadline:
@@ -526,7 +598,7 @@ def _filesystem(path: Path) -> str | None:
 
 PACKAGES = (
     "fastapi-bgtasks", "fastapi", "starlette", "uvicorn", "sqlalchemy", "asyncpg",
-    "aiosqlite", "pydantic", "httpx", "anyio",
+    "aiosqlite", "pydantic", "httpx", "anyio", "uvloop", "pgqueuer",
 )  # fmt: skip
 
 

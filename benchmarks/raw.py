@@ -172,6 +172,33 @@ def sqlite(directory: Path, rows: int) -> dict[str, Any]:
         wal.close()
 
 
+async def _pg_floor(dsn: str, rows: int) -> float:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await _pg_single(conn, min(rows, 20))  # warm-up: prepare, cache
+        return await _pg_single(conn, rows)
+    finally:
+        await conn.close()
+
+
+def floor(backend: str, ctx: Context) -> dict[str, Any]:
+    """The single-row INSERT+commit loop alone, W1's size (`--runs`): the
+    floor W1's submits are quoted against (its inserts/s as `submit_per_s`)."""
+    rows = ctx.sizes.runs
+    with Bench(backend) as bench:
+        if backend == "sqlite":
+            conn = _sqlite_open(bench.directory / "raw-wal.db", wal=True)
+            try:
+                _sqlite_single(conn, min(rows, 20))
+                return {"rows": rows, "submit_per_s": _sqlite_single(conn, rows)}
+            finally:
+                conn.close()
+        anyio.run(create_schema, bench.db.url)
+        return {"rows": rows, "submit_per_s": anyio.run(_pg_floor, bench.db.dsn, rows)}
+
+
 def raw(backend: str, ctx: Context) -> dict[str, Any]:
     """The raw driver loops for this backend, in a scratch database."""
     rows = ctx.sizes.raw_rows

@@ -3,13 +3,17 @@ uvicorn, workers, and a client process applying the load. Each function runs
 one repetition on one backend and returns its figures.
 
 W1, W2, W1c and W6 share one shape (submit from a client, drain with N
-workers, read the drain window from the stored times); W3 (pickup latency),
-W5 (a route's submit overhead) and MEM (resident memory) have their own.
+workers, read the drain window from the stored times and the cost per run:
+probes.submitted); `drain` is our side of DRAIN (a queued backlog, then
+one worker: probes.backlog; PgQueuer's side is in peer.py); W3 (pickup
+latency), W5 (a route's submit overhead) and MEM (resident memory) have
+their own.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import anyio
@@ -25,6 +29,7 @@ from benchmarks.harness import (
     results_of,
     rss_mb,
 )
+from benchmarks.probes import OursProbe, backlog, submitted
 
 # Before the figure "worker RSS idle" is read: the issue's "2 s after start".
 IDLE_AFTER_SECONDS = 2.0
@@ -43,7 +48,8 @@ def _pipeline(
 ) -> dict[str, Any]:
     """Start the app and `workers` workers, let a client submit `runs` runs
     of `task`, wait until all completed; rates from the client's submit time
-    and from the stored first created_at to last finished_at."""
+    and from the stored first created_at to last finished_at, and the cost
+    per run (benchmarks/cost.py)."""
     with Bench(backend, ctx.profile) as bench:
         server = bench.start_app()
         started = time.monotonic()
@@ -56,19 +62,41 @@ def _pipeline(
             bench.spy(proc.pid, f"{tag}-worker{i}")
         if ctx.profile is not None:
             time.sleep(1.0)  # py-spy attaches before the load starts
-        out = bench.client(*client, profile_as=f"{tag}-submitter")
-        drain = anyio.run(
-            drain_window, bench.db.url, task, runs, drain_timeout(runs), bench.check_alive
+        roots = {server.proc.pid: "app", **{proc.pid: "worker" for proc in procs}}
+        figures = anyio.run(
+            partial(submitted, profile_as=f"{tag}-submitter"),
+            bench,
+            OursProbe(bench.db, task),
+            roots,
+            client,
+            runs,
         )
         return {
-            "runs": runs,
+            **figures,
             "workers": workers,
-            "submit_per_s": runs / out["submit_seconds"],
-            "drain_per_s": runs / drain,
             "worker_rss_idle_mb": idle,
             "worker_rss_after_mb": rss_mb(procs[0].pid),
             "app_rss_after_mb": rss_mb(server.proc.pid),
         }
+
+
+def drain(backend: str, ctx: Context, prefetch: int | None = None) -> dict[str, Any]:
+    """DRAIN: N runs stored by one `item.map(range(N))` with no worker
+    running, then one worker started (`--prefetch`, if given)."""
+    n = ctx.sizes.drain_runs
+    options = ("--prefetch", str(prefetch)) if prefetch else ()
+    with Bench(backend) as bench:
+        server = bench.start_app()
+        queued = bench.client("map", "--runs", str(n))
+        figures = anyio.run(
+            backlog,
+            bench,
+            OursProbe(bench.db, "item"),
+            {server.proc.pid: "app"},
+            partial(bench.start_worker, server, options=options, ready=False),
+            n,
+        )
+        return {"queue_per_s": n / queued["submit_seconds"], **figures}
 
 
 def w1(backend: str, ctx: Context) -> dict[str, Any]:
