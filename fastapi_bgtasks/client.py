@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from httpx_sse import aconnect_sse
+from pydantic import TypeAdapter
 
 from .errors import AccessDenied, BgTasksError, PayloadTooLarge, StoreUnavailable, from_response
 from .keepalive import KeepAlive, ProtocolFault, direct_http
@@ -36,6 +37,9 @@ __all__ = ["ApiClient", "FeedEvent", "HttpRoute", "reports_body"]
 
 # ("hello", Hello), ("runs", list[Delivery]) or ("bye", None).
 FeedEvent = tuple[str, Any]
+
+# A feed's `runs` event, parsed and validated in one call.
+_DELIVERIES = TypeAdapter(list[Delivery])
 
 
 def reports_body(worker_id: str, encoded: Sequence[bytes]) -> bytes:
@@ -141,7 +145,7 @@ class ApiClient:
                     if sse.event == "hello":
                         yield "hello", Hello.model_validate_json(sse.data)
                     elif sse.event == "runs":
-                        yield "runs", [Delivery.model_validate(d) for d in json.loads(sse.data)]
+                        yield "runs", _DELIVERIES.validate_json(sse.data)
                     elif sse.event == "bye":
                         yield "bye", None
                         return

@@ -297,7 +297,7 @@ def judge_result(task: Task[Any, Any], value: Any, limit: int) -> Verdict:
         return Verdict(ReportKind.FAILED, error=error)
     # Measured as the app stores it (UTF-8 bytes of compact JSON), so
     # the worker and the app refuse the same results.
-    size = stored_size(result)
+    size = 4 if result is None else stored_size(result)  # null
     if size is None:
         message = f"Task {task.name!r} returned a value JSON cannot carry."
         return Verdict(ReportKind.FAILED, error=ErrorInfo(type="NotSerializable", message=message))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from fastapi_bgtasks import BgTasks
@@ -79,7 +80,7 @@ def hub(tmp_path: Path, seen: Seen) -> BgTasks:
     @hub.task
     async def echo(value: int) -> int:
         seen.started.append("echo")
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return value
 
     return hub
