@@ -87,8 +87,9 @@ class ReportQueue:
         if report.state == ReportKind.RUNNING:
             self._unsent_running[report.run_id] = queued
         self._queued.append(queued)
-        self.has_reports.set()
-        if urgent:
+        if not self.has_reports.is_set():
+            self.has_reports.set()
+        if urgent and not self.urgent.is_set():
             self.urgent.set()
 
     def _drop_unsent_running(self, final: Report) -> None:
@@ -176,8 +177,9 @@ class Reporter:
             await queue.has_reports.wait()
             # A short window lets one POST carry many reports, cut short
             # when a run waits to start.
-            with anyio.move_on_after(self._terms().report_interval):
-                await queue.urgent.wait()
+            if not queue.urgent.is_set():
+                with anyio.move_on_after(self._terms().report_interval):
+                    await queue.urgent.wait()
             # Let runs that are ready to finish in this turn of the loop (a
             # batch of short tasks) queue their reports first: one request
             # and one statement for them all, not 1 then 19.
