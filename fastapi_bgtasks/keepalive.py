@@ -110,7 +110,9 @@ class KeepAlive:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise ProtocolFault("the connection closed") from exc
         status, length, chunked, close = await self._head()
-        if chunked:
+        if status in (204, 304):  # never a body
+            body = b""
+        elif chunked:
             body = await self._chunked()
         elif length is not None:
             body = await self._exactly(length)

@@ -145,6 +145,20 @@ async def test_a_peer_that_closes_after_each_answer_gets_a_new_connection_each_t
             await link.aclose()
 
 
+async def test_an_interim_answer_is_skipped_and_no_content_has_no_body() -> None:
+    async def answer(_request: bytes) -> bytes:
+        return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n"
+
+    async with http_server(answer) as port:
+        link = KeepAlive(f"http://127.0.0.1:{port}", {}, timeout=5)
+        try:
+            for _ in range(2):
+                reply = await link.post("/r", b"{}")
+                assert (reply.status, reply.body) == (204, b"")
+        finally:
+            await link.aclose()
+
+
 async def test_an_answer_that_never_comes_times_out() -> None:
     async def answer(_request: bytes) -> bytes:
         await anyio.sleep(30)
