@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from httpx_sse import aconnect_sse
+from pydantic import TypeAdapter
 
 from .errors import AccessDenied, BgTasksError, PayloadTooLarge, StoreUnavailable, from_response
+from .keepalive import KeepAlive, ProtocolFault, direct_http
 from .states import Outcome
 from .wire import (
     MAX_MAP_CALLS,
@@ -35,6 +37,9 @@ __all__ = ["ApiClient", "FeedEvent", "HttpRoute", "reports_body"]
 
 # ("hello", Hello), ("runs", list[Delivery]) or ("bye", None).
 FeedEvent = tuple[str, Any]
+
+# A feed's `runs` event, parsed and validated in one call.
+_DELIVERIES = TypeAdapter(list[Delivery])
 
 
 def reports_body(worker_id: str, encoded: Sequence[bytes]) -> bytes:
@@ -69,8 +74,17 @@ class ApiClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=limits or httpx.Limits(),
         )
+        # A worker's reports: one connection of their own, one write each,
+        # when the app is plain HTTP reached directly.
+        self._reports_link = (
+            KeepAlive(self.url, headers, timeout=timeout)
+            if worker_id is not None and direct_http(self.url)
+            else None
+        )
 
     async def aclose(self) -> None:
+        if self._reports_link is not None:
+            await self._reports_link.aclose()
         await self.http.aclose()
 
     # -- runs --------------------------------------------------------------
@@ -131,7 +145,7 @@ class ApiClient:
                     if sse.event == "hello":
                         yield "hello", Hello.model_validate_json(sse.data)
                     elif sse.event == "runs":
-                        yield "runs", [Delivery.model_validate(d) for d in json.loads(sse.data)]
+                        yield "runs", _DELIVERIES.validate_json(sse.data)
                     elif sse.event == "bye":
                         yield "bye", None
                         return
@@ -142,14 +156,25 @@ class ApiClient:
         """Post reports already serialised (see `reports_body`); one outcome
         per report, in order."""
         assert self.worker_id is not None, "reports are a worker's"
-        response = await self._request(
-            "POST",
-            "/worker/reports",
-            worker=True,
-            content=reports_body(self.worker_id, encoded),
-            headers={"Content-Type": "application/json"},
-        )
-        return [Outcome(o) for o in ReportOutcomes.model_validate_json(response.content).outcomes]
+        body = reports_body(self.worker_id, encoded)
+        if self._reports_link is None:
+            response = await self._request(
+                "POST",
+                "/worker/reports",
+                worker=True,
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            status, content = response.status_code, response.content
+        else:
+            try:
+                reply = await self._reports_link.post("/worker/reports", body)
+            except (OSError, ProtocolFault) as exc:  # TimeoutError is an OSError
+                raise self._unreachable(exc) from exc
+            status, content = reply.status, reply.body
+            if status >= 400:
+                raise self._worker_error_of(status, content, self.url + "/worker/reports")
+        return [Outcome(o) for o in ReportOutcomes.model_validate_json(content).outcomes]
 
     async def heartbeat(self, held: list[tuple[uuid.UUID, str]]) -> HeartbeatResponse:
         body = {
@@ -179,28 +204,38 @@ class ApiClient:
             return response
         raise self._worker_error(response) if worker else self._error(response)
 
-    def _unreachable(self, exc: httpx.HTTPError) -> StoreUnavailable:
+    def _unreachable(self, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(
             f"The task API at {self.url} is unreachable: {type(exc).__name__}: {exc}"
         )
 
     def _error(self, response: httpx.Response) -> BgTasksError:
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"message": response.text[:200]}
-        return from_response(response.status_code, body, str(response.request.url))
+        return _error_of(response.status_code, response.content, str(response.request.url))
 
     def _worker_error(self, response: httpx.Response) -> BgTasksError:
+        return self._worker_error_of(
+            response.status_code, response.content, str(response.request.url)
+        )
+
+    def _worker_error_of(self, status: int, content: bytes, url: str) -> BgTasksError:
         """As `_error`; a refused credential (401, or 403 from a proxy in
         front of the app) says which setting to check: the worker stops."""
-        error = self._error(response)
-        if isinstance(error, AccessDenied) or response.status_code == 403:
+        error = _error_of(status, content, url)
+        if isinstance(error, AccessDenied) or status == 403:
             return AccessDenied(
-                f"{response.request.url} refused this worker ({response.status_code}): "
+                f"{url} refused this worker ({status}): "
                 f"{error.message} Check --token / BGTASKS_TOKEN."
             )
         return error
+
+
+def _error_of(status: int, content: bytes, url: str) -> BgTasksError:
+    """The package's exception for an error response's status and body."""
+    try:
+        body = json.loads(content)
+    except ValueError:  # incl. UnicodeDecodeError
+        body = {"message": content.decode("utf-8", "replace")[:200]}
+    return from_response(status, body, url)
 
 
 class HttpRoute:

@@ -34,6 +34,8 @@ from .errors import ConfigurationError, NotSerializable, PayloadTooLarge
 
 __all__ = ["Codec"]
 
+_BY_POSITION = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
 # NaN and infinities are not JSON: refused when typed as floats, and kept as
 # constants (then refused as NotSerializable) when they hide under `Any`.
 _ARG_CONFIG = ConfigDict(
@@ -48,6 +50,13 @@ class Codec:
         self.name = name
         self.signature = inspect.signature(fn)
         self._args_model = _arguments_model(fn, self.signature, name)
+        params = list(self.signature.parameters.values())
+        # Every parameter can be passed by position: then a stored call (all
+        # by position, see `dump_arguments`) binds by zipping the names.
+        self._positional = all(p.kind in _BY_POSITION for p in params)
+        self._names = [p.name for p in params]
+        self._fields = [f"p{i}" for i in range(len(params))]
+        self._required = sum(p.default is inspect.Parameter.empty for p in params)
         try:
             self._result_adapter = _result_adapter(_type_hints(fn).get("return", Any))
         except (PydanticSchemaGenerationError, PydanticUserError) as exc:
@@ -109,6 +118,10 @@ class Codec:
         self, args: Sequence[Any], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Stored JSON back to typed values, validated again (the worker side)."""
+        if self._positional and not kwargs and self._required <= len(args) <= len(self._names):
+            # What `signature.bind` would make of it, without its cost.
+            model = self._args_model.model_validate(dict(zip(self._names, args, strict=False)))
+            return tuple(getattr(model, field) for field in self._fields[: len(args)]), {}
         bound = self._bind(args, kwargs)
         model = self._args_model.model_validate(bound.arguments)
         values = {
@@ -123,7 +136,8 @@ class Codec:
         """A return value as JSON; raises NotSerializable naming the type."""
         try:
             result = self._result_adapter.dump_python(value, mode="json")
-            json.dumps(result, allow_nan=False, ensure_ascii=False).encode()
+            if result is not None:
+                json.dumps(result, allow_nan=False, ensure_ascii=False).encode()
         except (PydanticSerializationError, ValueError) as exc:  # incl. UnicodeEncodeError
             raise NotSerializable(
                 f"Task {self.name!r} returned a {type(value).__name__}, "

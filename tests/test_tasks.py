@@ -367,6 +367,27 @@ def test_load_arguments_validates_again(bg: BgTasks) -> None:
         job.load_arguments(["not a number"], {})
 
 
+def test_load_arguments_by_position_agrees_with_binding_the_signature(bg: BgTasks) -> None:
+    """Calls stored all by position bind without `Signature.bind`: the same
+    values, defaults left to the call, and the same errors."""
+
+    @bg.task
+    def job(a: int, b: str = "x", c: float = 1.5) -> None:
+        return None
+
+    for stored in ([1], [1, "y"], [1, "y", 2]):
+        args, kwargs = job.load_arguments(stored, {})
+        bound = job.codec.signature.bind(*stored)
+        assert (args, kwargs) == (tuple(bound.arguments.values()), {})
+        assert [type(v) for v in args] == [int, str, float][: len(stored)]
+    assert job.load_arguments([1], {"c": 3}) == ((1,), {"c": 3.0})
+    for stored in ([], [1, "y", 2, 3]):
+        with pytest.raises(ValidationError, match="arguments_mismatch"):
+            job.load_arguments(stored, {})
+    with pytest.raises(ValidationError, match="int_parsing"):
+        job.load_arguments(["one"], {})
+
+
 def test_dump_result_and_load_result_round_trip_a_model(bg: BgTasks) -> None:
     @bg.task
     def job() -> Point:

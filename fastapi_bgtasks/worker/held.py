@@ -9,7 +9,7 @@ import enum
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -51,11 +51,12 @@ class HeldRun:
     call: Call | None = None  # its arguments, validated as it arrived
     phase: Phase = Phase.RECEIVED
     stop_reason: StopReason | None = None
-    # What `stop()` cancels: the task's scope (async tasks and sync tasks in
-    # child processes) and the wait for a slot.
+    # What `stop()` cancels once the run has a slot: its runner's scope,
+    # while the run waits for its start to be accepted and while an async
+    # task (or a sync task's child process) runs.
     scope: anyio.CancelScope | None = None
-    wait_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    deadline_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    # What `stop()` calls while the run waits for a slot: it ends there.
+    on_stop_waiting: Callable[[HeldRun], None] | None = None
 
     @property
     def started(self) -> bool:
@@ -74,9 +75,10 @@ class HeldRun:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.context.stop.set()
-        self.wait_scope.cancel()
         if self.scope is not None:
             self.scope.cancel()
+        elif self.phase is Phase.RECEIVED and self.on_stop_waiting is not None:
+            self.on_stop_waiting(self)
 
     def running_answered(self, outcome: Outcome) -> None:
         """The app's answer to this run's RUNNING report: refused means the
@@ -97,7 +99,8 @@ class Roster:
 
     def __init__(self) -> None:
         self.runs: dict[uuid.UUID, HeldRun] = {}
-        self._finished = anyio.Event()  # replaced each time a run finishes
+        # Set and dropped each time a run finishes; made only when waited on.
+        self._finished: anyio.Event | None = None
         # Lease tokens of runs let go without a report (their lease was lost,
         # or their process died): a delivery re-sent under one of them, as on
         # a feed reconnect before the app saw the run start, is not run again.
@@ -118,8 +121,9 @@ class Roster:
     def finish(self, held: HeldRun) -> None:
         if not held.finished:
             held.phase = Phase.FINISHED
-        self._finished.set()
-        self._finished = anyio.Event()
+        if self._finished is not None:
+            self._finished.set()
+            self._finished = None
 
     def release(self, held: HeldRun) -> None:
         """No longer ours: its final report landed, or it has none."""
@@ -140,4 +144,6 @@ class Roster:
 
     async def until(self, condition: Callable[[], bool]) -> None:
         while not condition():
+            if self._finished is None:
+                self._finished = anyio.Event()
             await self._finished.wait()

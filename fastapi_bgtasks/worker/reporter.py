@@ -1,13 +1,14 @@
 """A worker's reports on their way to the app: queued as each run moves,
 sent oldest first in batches (a burst of finishing runs shares one request),
 halved when something in between refuses the size, retried with back-off.
-Each report is serialised once: the batch budget measures those bytes and
-the request body is made of them.
+Each report is serialised once, when first measured for a batch: the batch
+budget measures those bytes and the request body is made of them.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,16 +30,21 @@ MAX_BATCH = 200
 _ENVELOPE = 200
 
 
-@dataclass
+@dataclass(eq=False)
 class QueuedReport:
     report: Report
     on_outcome: Callable[[Outcome], None] | None
     # Already a replacement for a report the app refused: never replaced twice.
     replaced: bool = False
-    encoded: bytes = field(init=False)
+    _encoded: bytes | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.encoded = self.report.model_dump_json().encode()
+    @property
+    def encoded(self) -> bytes:
+        """The report as sent, serialised once, when it is first measured
+        for a batch (a RUNNING report dropped before that never is)."""
+        if self._encoded is None:
+            self._encoded = self.report.model_dump_json().encode()
+        return self._encoded
 
 
 class ReportQueue:
@@ -49,6 +55,9 @@ class ReportQueue:
 
     def __init__(self) -> None:
         self._queued: list[QueuedReport] = []
+        # The RUNNING reports not yet in flight, by run: a final report
+        # finds the one it makes redundant without a scan.
+        self._unsent_running: dict[uuid.UUID, QueuedReport] = {}
         self._in_flight = 0
         self.batch_cap = MAX_BATCH
         self.has_reports = anyio.Event()
@@ -72,11 +81,15 @@ class ReportQueue:
     ) -> None:
         """Queue a report; `urgent` when a run waits for its answer (a start
         to confirm, a slot to free): the reporter skips its batching window."""
-        if report.state == ReportKind.COMPLETED:
+        if report.state == ReportKind.COMPLETED and self._unsent_running:
             self._drop_unsent_running(report)
-        self._queued.append(QueuedReport(report, on_outcome))
-        self.has_reports.set()
-        if urgent:
+        queued = QueuedReport(report, on_outcome)
+        if report.state == ReportKind.RUNNING:
+            self._unsent_running[report.run_id] = queued
+        self._queued.append(queued)
+        if not self.has_reports.is_set():
+            self.has_reports.set()
+        if urgent and not self.urgent.is_set():
             self.urgent.set()
 
     def _drop_unsent_running(self, final: Report) -> None:
@@ -84,15 +97,10 @@ class ReportQueue:
         COMPLETED one. The app records the run as RUNNING on the way (its
         history shows PENDING → RUNNING → COMPLETED), and the batch costs one
         statement instead of two."""
-        for index in range(self._in_flight, len(self._queued)):
-            queued = self._queued[index].report
-            if (
-                queued.state == ReportKind.RUNNING
-                and queued.run_id == final.run_id
-                and queued.lease_token == final.lease_token
-            ):
-                del self._queued[index]
-                return
+        queued = self._unsent_running.get(final.run_id)
+        if queued is not None and queued.report.lease_token == final.lease_token:
+            del self._unsent_running[final.run_id]
+            self._queued.remove(queued)  # by identity: not in flight, so after them
 
     def take_batch(self, max_body_bytes: int) -> list[QueuedReport]:
         """The oldest reports that fit in one request body, now in flight."""
@@ -105,6 +113,8 @@ class ReportQueue:
                 break
             batch.append(queued)
             used += size
+            if self._unsent_running.get(queued.report.run_id) is queued:
+                del self._unsent_running[queued.report.run_id]
         self._in_flight = len(batch)
         return batch
 
@@ -167,8 +177,9 @@ class Reporter:
             await queue.has_reports.wait()
             # A short window lets one POST carry many reports, cut short
             # when a run waits to start.
-            with anyio.move_on_after(self._terms().report_interval):
-                await queue.urgent.wait()
+            if not queue.urgent.is_set():
+                with anyio.move_on_after(self._terms().report_interval):
+                    await queue.urgent.wait()
             # Let runs that are ready to finish in this turn of the loop (a
             # batch of short tasks) queue their reports first: one request
             # and one statement for them all, not 1 then 19.

@@ -219,7 +219,8 @@ class Worker:
             log.info("Worker %s reconnected to %s", self.worker_id, self.config.url)
 
     def receive(self, delivery: Delivery, runs: TaskGroup) -> HeldRun | None:
-        """Hold a delivery and start its execution in `runs` (a delivery we
+        """Hold a delivery and queue it for a slot, whose runner lives in
+        `runs` (a delivery we
         hold already is re-sent after a reconnect, or leased to us anew);
         hand back at once one this worker cannot accept, and ignore one it
         gave up under the same lease (None)."""
@@ -268,7 +269,7 @@ class Worker:
             held.fresh = True
             held.last_renewed = min(leased, now)
         self.roster.add(held)
-        runs.start_soon(self.executor.execute, held, runs, name=f"run {delivery.id}")
+        self.executor.submit(held, runs)
         return held
 
     def _reject(self, delivery: Delivery, error: ErrorInfo) -> None:
