@@ -32,10 +32,11 @@ from ..wire import Hello
 from .access import WORKER
 from .context import Hub, Live
 from .responses import declare
-from .wakeups import ANY_TASK, wait_any
+from .wakeups import ANY_TASK, Wakeups, wait_any
 
 if TYPE_CHECKING:
     from ..store import Store
+    from ..store.transitions import Claimed
     from .context import Running, ServerHub
 
 __all__ = ["router"]
@@ -90,10 +91,11 @@ async def _deliveries(
             # Taken before the claim, so a change during it still wakes us.
             events = [*wakeups.runs_events(tasks), wakeups.worker_event(worker_id)]
             events += [shutdown, running.closing]
+            nothing_due = False
             try:
                 # Stamped before the claim: the lease cannot be older than this.
                 leased_at = time.monotonic()
-                unsent = await _claim(hub, running, worker_id, tasks, slots)
+                unsent = claimed = await _claim(hub, running, worker_id, tasks, slots)
                 if unsent and worker_id in wakeups.lost_workers:
                     # Reaped meanwhile: hand back what this claim took, now.
                     taken, unsent = unsent, []
@@ -114,12 +116,13 @@ async def _deliveries(
                     # worker's reports wake this feed, and credit freed on
                     # another app process is found by the poll.
                     timeout = min(deadline - time.monotonic(), hub.settings.poll_seconds)
+                    nothing_due = claimed.exhausted
                 else:
-                    timeout = await _idle_wait(hub, store, tasks, deadline)
+                    timeout, nothing_due = await _idle_wait(hub, store, tasks, deadline)
             except StoreUnavailable as exc:
                 log.warning("Feed for %s: %s", worker_id, exc)
                 timeout = min(hub.settings.poll_seconds, 1.0)
-            await wait_any(events, timeout)
+            await _rest(wakeups, worker_id, events, timeout, nothing_due=nothing_due)
         yield ServerSentEvent(data="{}", event="bye")
     finally:
         if unsent:
@@ -128,7 +131,7 @@ async def _deliveries(
 
 async def _claim(
     hub: ServerHub, running: Running, worker_id: str, tasks: list[str], slots: int
-) -> Sequence[Mapping[str, Any]]:
+) -> Claimed:
     """Lease this worker its share of the due runs (store.claim)."""
     return await running.store.claim(
         worker_id=worker_id,
@@ -156,8 +159,41 @@ def _hello_event(hub: ServerHub, worker_id: str) -> ServerSentEvent:
     return ServerSentEvent(data=hello.model_dump_json(), event="hello")
 
 
-async def _idle_wait(hub: ServerHub, store: Store, tasks: list[str], deadline: float) -> float:
-    """How long to wait for a wake-up after a claim. A due run still
+async def _rest(
+    wakeups: Wakeups,
+    worker_id: str,
+    events: list[anyio.Event],
+    timeout: float,
+    *,
+    nothing_due: bool,
+) -> None:
+    """Wait for any of `events` (`events[-3]` is the worker's freed credit)
+    or `timeout`. When the last claim found nothing due, freed credit alone
+    is no reason to claim again: new runs, a rescue, a retry or a hand-back
+    fire the runs events, and a scheduled run's time is the timeout. A
+    worker's runs trickling in one by one so cost one claim each, not three
+    statements."""
+    until = time.monotonic() + timeout
+    while True:
+        await wait_any(events, until - time.monotonic())
+        freed = events[-3]
+        others = [e for e in events if e is not freed]
+        if (
+            not nothing_due
+            or not freed.is_set()
+            or any(e.is_set() for e in others)
+            or worker_id in wakeups.lost_workers
+            or time.monotonic() >= until
+        ):
+            return
+        events = [*others[:-2], wakeups.worker_event(worker_id), *others[-2:]]
+
+
+async def _idle_wait(
+    hub: ServerHub, store: Store, tasks: list[str], deadline: float
+) -> tuple[float, bool]:
+    """How long to wait for a wake-up after a claim that took nothing, and
+    whether nothing is due now. A due run still
     waiting (this worker had no credit left, or a concurrent claim held it
     locked) is claimed again after `poll_seconds`: credit freed by reports
     on another app process announces nothing here. Otherwise only wake-ups
@@ -171,7 +207,7 @@ async def _idle_wait(hub: ServerHub, store: Store, tasks: list[str], deadline: f
         wait = (due - datetime.now(UTC)).total_seconds()
         # Not yet due by the store's clock but past by ours: poll, not spin.
         timeout = min(timeout, wait if wait > 0 else hub.settings.poll_seconds)
-    return timeout
+    return timeout, not due_now
 
 
 async def _release_unsent(running: Running, unsent: Sequence[Mapping[str, Any]]) -> None:

@@ -373,54 +373,65 @@ END
 $$ LANGUAGE plpgsql
 """
 
-# -- version 5: due runs shared among the feeds that serve them. A fourth
-# bgtasks_claim takes how many feeds of this app process serve the tasks
-# (p_feeds): when several do, one claim takes at most its share of what is
-# due (counted up to credit x p_feeds), so a small batch is spread over the
-# workers instead of all going to the first feed that wakes. A backlog
-# larger than every feed's credit is taken credit by credit, as before.
+# -- version 5: due runs shared among the feeds that serve them, in a claim
+# of its own name, bgtasks_claim_share. It takes how many feeds of this app
+# process serve the tasks (p_feeds): when several do, one claim takes at
+# most its share of what is due (counted up to credit x p_feeds), so a
+# small batch is spread over the workers instead of all going to the first
+# feed that wakes; a backlog larger than every feed's credit is taken
+# credit by credit, as before. It returns only what a delivery needs, and
+# with each row the most this claim could take (`credit`): a claim that
+# took fewer left nothing due for this worker, so its freed credit alone
+# need not make the feed claim again. The bgtasks_claim overloads stay for
+# app processes of the versions before.
 
-_PG_CLAIM_FUNCTION_V5 = """
-CREATE OR REPLACE FUNCTION bgtasks_claim(
+_PG_CLAIM_SHARE_FUNCTION = """
+CREATE OR REPLACE FUNCTION bgtasks_claim_share(
     p_worker text, p_tasks text[], p_keys text[], p_slots integer,
     p_expires timestamptz, p_token text, p_feeds integer
-) RETURNS SETOF bgtasks_runs AS $$
+) RETURNS TABLE (
+    id uuid, task varchar, attempt integer, lease_token varchar, args json, kwargs json,
+    timeout_seconds double precision, priority integer, scheduled_at timestamptz,
+    credit integer
+) AS $$
+#variable_conflict use_column
 DECLARE
-    credit integer;
-    waiting integer;
+    v_credit integer;
+    v_waiting integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(25191, hashtext(p_worker));
-    SELECT p_slots - count(*) INTO credit FROM bgtasks_runs
-    WHERE worker_id = p_worker AND state IN ('PENDING', 'RUNNING');
-    IF credit <= 0 THEN
+    SELECT p_slots - count(*) INTO v_credit FROM bgtasks_runs AS held
+    WHERE held.worker_id = p_worker AND held.state IN ('PENDING', 'RUNNING');
+    IF v_credit <= 0 THEN
         RETURN;
     END IF;
     IF p_feeds > 1 THEN
-        SELECT count(*) INTO waiting FROM unnest(p_tasks, p_keys) AS served(name, key)
+        SELECT count(*) INTO v_waiting FROM unnest(p_tasks, p_keys) AS served(name, key)
         CROSS JOIN LATERAL (
-            SELECT 1 FROM bgtasks_runs
-            WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
-                AND rejected_by IS DISTINCT FROM served.key
-            LIMIT credit * p_feeds) AS shared;
-        credit := least(credit, greatest(1, (waiting + p_feeds - 1) / p_feeds));
+            SELECT 1 FROM bgtasks_runs AS r
+            WHERE r.state = 'SCHEDULED' AND r.task = served.name AND r.scheduled_at <= now()
+                AND r.rejected_by IS DISTINCT FROM served.key
+            LIMIT v_credit * p_feeds) AS shared;
+        v_credit := least(v_credit, greatest(1, (v_waiting + p_feeds - 1) / p_feeds));
     END IF;
-    -- As in version 4.
+    -- As bgtasks_claim of version 4.
     RETURN QUERY
-    UPDATE bgtasks_runs SET
-        state = 'PENDING', attempt = attempt + 1, worker_id = p_worker,
+    UPDATE bgtasks_runs AS r SET
+        state = 'PENDING', attempt = r.attempt + 1, worker_id = p_worker,
         lease_token = p_token, lease_expires_at = p_expires,
         updated_at = now(), reason = NULL
-    WHERE id = ANY(ARRAY(
+    WHERE r.id = ANY(ARRAY(
         SELECT due.id FROM unnest(p_tasks, p_keys) AS served(name, key) CROSS JOIN LATERAL (
-            SELECT id, priority, scheduled_at FROM bgtasks_runs
-            WHERE state = 'SCHEDULED' AND task = served.name AND scheduled_at <= now()
-                AND rejected_by IS DISTINCT FROM served.key
-            ORDER BY priority DESC, scheduled_at
-            LIMIT credit
+            SELECT d.id, d.priority, d.scheduled_at FROM bgtasks_runs AS d
+            WHERE d.state = 'SCHEDULED' AND d.task = served.name AND d.scheduled_at <= now()
+                AND d.rejected_by IS DISTINCT FROM served.key
+            ORDER BY d.priority DESC, d.scheduled_at
+            LIMIT v_credit
             FOR UPDATE SKIP LOCKED) AS due
         ORDER BY due.priority DESC, due.scheduled_at
-        LIMIT credit))
-    RETURNING *;
+        LIMIT v_credit))
+    RETURNING r.id, r.task, r.attempt, r.lease_token, r.args, r.kwargs, r.timeout_seconds,
+        r.priority, r.scheduled_at, v_credit;
 END
 $$ LANGUAGE plpgsql
 """
@@ -432,5 +443,5 @@ MIGRATIONS: list[dict[str, list[str]]] = [
     {"postgresql": _V2_POSTGRESQL, "sqlite": _V2_SQLITE},
     {"postgresql": _V3_POSTGRESQL, "sqlite": _V3_SQLITE},
     {"postgresql": [_PG_CLAIM_FUNCTION_V4], "sqlite": []},
-    {"postgresql": [_PG_CLAIM_FUNCTION_V5], "sqlite": []},
+    {"postgresql": [_PG_CLAIM_SHARE_FUNCTION], "sqlite": []},
 ]

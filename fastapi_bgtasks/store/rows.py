@@ -117,7 +117,9 @@ def run_row(row: Any) -> RunRow:
 
 
 def delivery_row(row: Any) -> DeliveryRow:
-    return cast(DeliveryRow, _plain(row))
+    data = _plain(row)
+    data.pop("credit", None)  # the claim's limit, beside each row (transitions.Claimed)
+    return cast(DeliveryRow, data)
 
 
 def history_row(row: Any) -> HistoryRow:

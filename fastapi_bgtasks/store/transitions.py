@@ -20,7 +20,7 @@ from .reads import DELIVERY
 from .rows import DeliveryRow, RunRow, delivery_row, run_row
 from .schema import ACTIVE, moves, runs
 
-__all__ = ["Transitions"]
+__all__ = ["Claimed", "Transitions"]
 
 S = RunState
 _MAX_CACHED_CLAIMS = 100  # SQLite claims are built per task set, which clients choose
@@ -33,13 +33,26 @@ _WORKER_LOST = {
 }
 
 
+class Claimed(list[DeliveryRow]):
+    """A claim's runs, and whether they were all it could take: `exhausted`
+    when it took fewer than its limit (its credit, or its share), so no
+    run this worker could take was left due."""
+
+    exhausted: bool = False
+
+
 class Transitions:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._claims: dict[tuple[str, ...], Any] = {}
         self._counts: dict[tuple[str, ...], Any] = {}
+        self._held = (
+            sa.select(sa.func.count())
+            .select_from(runs)
+            .where(runs.c.worker_id == sa.bindparam("worker"), ACTIVE)
+        )
         self._pg_claim = sa.select(
-            *sa.func.bgtasks_claim(
+            *sa.func.bgtasks_claim_share(
                 sa.bindparam("worker", type_=sa.String),
                 sa.bindparam("tasks", type_=postgresql.ARRAY(sa.String)),
                 sa.bindparam("keys", type_=postgresql.ARRAY(sa.String)),
@@ -48,7 +61,9 @@ class Transitions:
                 sa.bindparam("token", type_=sa.String),
                 sa.bindparam("feeds", type_=sa.Integer),
             )
-            .table_valued(*(sa.column(c.name, c.type) for c in DELIVERY))
+            .table_valued(
+                *(sa.column(c.name, c.type) for c in DELIVERY), sa.column("credit", sa.Integer)
+            )
             .c
         )
 
@@ -61,7 +76,7 @@ class Transitions:
         lease_seconds: float,
         keys: Mapping[str, str] | None = None,
         feeds: int = 1,
-    ) -> list[DeliveryRow]:
+    ) -> Claimed:
         """Lease up to this worker's free credit of due runs, in one statement.
 
         Credit is slots minus the runs already leased to the worker, counted
@@ -96,21 +111,30 @@ class Transitions:
             params = {"worker": worker_id, "slots": slots, "now": now, "token": token,
                       "expires": expires}  # fmt: skip
             params.update({f"key{i}": key for i, key in enumerate(rejecters)})
-            params["share"] = await self._sqlite_share(tuple(tasks), params, slots, feeds)
+            limit = await self._sqlite_limit(tuple(tasks), params, slots, feeds)
+            params["share"] = limit
         async with self._db.one() as conn:
-            rows = [delivery_row(r) for r in await conn.execute(statement, params)]
+            returned = list(await conn.execute(statement, params))
+        if self._db.is_pg and returned:
+            limit = returned[0].credit
+        rows = Claimed(delivery_row(r) for r in returned)
         rows.sort(key=lambda r: (-r["priority"], r["scheduled_at"]))
+        rows.exhausted = bool(rows) and len(rows) < limit
         return rows
 
-    async def _sqlite_share(
+    async def _sqlite_limit(
         self, tasks: tuple[str, ...], params: dict[str, Any], slots: int, feeds: int
     ) -> int:
-        """The most one of `feeds` feeds takes: its share of the due runs,
-        counted up to slots x feeds (the claim itself stays one statement).
-        A read before the claim: a share a little off only shifts a run to
-        the next claim."""
-        if feeds <= 1:
-            return slots
+        """The most this claim takes: the worker's free credit, and when
+        `feeds` feeds serve the tasks, at most its share of the due runs
+        (counted up to slots x feeds). Read before the claim, which stays
+        one statement and counts the credit again: a limit a little off
+        only shifts a run to the next claim."""
+        async with self._db.read() as conn:
+            held = await conn.scalar(self._held, {"worker": params["worker"]}) or 0
+        free = max(0, slots - held)
+        if feeds <= 1 or free == 0:
+            return free
         statement = self._counts.get(tasks)
         if statement is None:
             statement = _due_count(tasks)
@@ -118,7 +142,7 @@ class Transitions:
                 self._counts[tasks] = statement
         async with self._db.read() as conn:
             due = await conn.scalar(statement, {**params, "cap": slots * feeds}) or 0
-        return max(1, -(-due // feeds))
+        return min(free, max(1, -(-due // feeds)))
 
     def _sqlite_claim(self, tasks: tuple[str, ...]) -> Any:
         """SQLite's claim for these tasks, built once: credit counted in the

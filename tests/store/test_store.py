@@ -478,6 +478,21 @@ async def test_a_claim_shared_among_feeds_takes_its_whole_credit_from_a_backlog(
     assert len(taken) == 8
 
 
+async def test_a_claim_says_whether_it_left_nothing_due_for_its_worker(store: Store) -> None:
+    for _ in range(5):
+        await submit(store)
+    limited = await claim(store, "w1", slots=3)
+    assert len(limited) == 3 and not limited.exhausted  # its credit ran out first
+    rest = await claim(store, "w2", slots=10)
+    assert len(rest) == 2 and rest.exhausted  # it took every due run
+    for _ in range(4):
+        await submit(store)
+    shared = await store.claim(worker_id="w3", tasks=[TASK], slots=10, lease_seconds=LEASE, feeds=2)
+    assert len(shared) == 2 and not shared.exhausted  # its share: the rest is the other feed's
+    assert len(await claim(store, "w4")) == 2
+    assert not (await claim(store, "w5")).exhausted  # none taken: the feed reads what waits
+
+
 async def test_a_claim_for_one_feed_takes_every_due_run_its_credit_allows(store: Store) -> None:
     for _ in range(3):
         await submit(store)
