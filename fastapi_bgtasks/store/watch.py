@@ -7,7 +7,9 @@ on and ignores its own notifications: its feeds were woken in-process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,42 +125,85 @@ async def _watch_pg(
         await backoff.sleep()
 
 
-async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -> None:
-    # Imported here: a process on PostgreSQL never loads SQLite's driver.
-    import aiosqlite
+# SQLite: how often the poller thread reads data_version (a few
+# microseconds in C, off the event loop), and at most how often a change
+# costs a read on the writer connection while writes keep coming.
+_POLL_SECONDS = 0.004
+_CHECK_SECONDS = 0.02
 
-    path = db.url.database or ""
-    while True:
+
+async def _watch_sqlite(db: Database, on_change: Callable[[str | None], None]) -> None:
+    """A thread of its own reads data_version every 4 ms with the stdlib
+    driver and wakes the loop on a change; the loop then asks the writer
+    connection whether the change was another connection's. A submit from
+    a script is seen within milliseconds, and an idle app costs a fraction
+    of a percent of a core."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def signal(failure: BaseException | None = None) -> None:
+        if failure is not None:
+            failures.append(failure)
+        changed.set()
+
+    poller = threading.Thread(
+        target=_poll_data_version,
+        args=(db.url.database or "", stop, lambda f=None: loop.call_soon_threadsafe(signal, f)),
+        name="fastapi_bgtasks data_version",
+        daemon=True,
+    )
+    poller.start()
+    try:
+        ours = await _writer_version(db)
+        while True:
+            await changed.wait()
+            changed.clear()
+            if failures:
+                log.warning("Wake-up watcher lost the SQLite file (%s); retrying", failures[-1])
+                failures.clear()
+                on_change(None)  # what it may have missed
+                continue
+            # Someone committed. On the writer, the connection this process
+            # writes with, data_version moves only for other connections'
+            # commits: this process's own writes are announced in-process,
+            # by run id, and wake nothing here.
+            theirs = await _writer_version(db)
+            if theirs is None or theirs != ours:
+                on_change(None)
+            ours = theirs
+            await anyio.sleep(_CHECK_SECONDS)
+    finally:
+        stop.set()
+
+
+def _poll_data_version(path: str, stop: threading.Event, wake: Callable[..., object]) -> None:
+    """The poller thread: wake(None) on every change of data_version,
+    wake(error) when the file cannot be read (then again a second later)."""
+    import sqlite3  # here: a process on PostgreSQL never loads SQLite's driver
+
+    while not stop.is_set():
         conn = None
         try:
-            # aiosqlite starts a thread per connection: opening and closing
-            # are shielded so a cancel mid-way cannot strand that thread.
-            with anyio.CancelScope(shield=True):
-                conn = await aiosqlite.connect(path, timeout=30)
-            assert conn is not None
-            last, ours = None, await _writer_version(db)
-            while True:
-                async with conn.execute("PRAGMA data_version") as cursor:
-                    row = await cursor.fetchone()
-                version = row[0] if row else None
-                if last is not None and version != last:
-                    # Someone committed. On the writer, the connection this
-                    # process writes with, data_version moves only for other
-                    # connections' commits: this process's own writes are
-                    # announced in-process, by run id, and wake nothing here.
-                    theirs = await _writer_version(db)
-                    if theirs is None or theirs != ours:
-                        on_change(None)
-                    ours = theirs
-                last = version
-                await anyio.sleep(0.02)
-        except (OSError, aiosqlite.Error) as exc:
-            log.warning("Wake-up watcher lost the SQLite file (%s); retrying", exc)
+            conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            while not stop.wait(_POLL_SECONDS):
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version != last:
+                    last = version
+                    wake()
+        except (OSError, sqlite3.Error) as exc:
+            try:
+                wake(exc)
+            except RuntimeError:  # the loop is closed: the app has ended
+                return
+            stop.wait(1.0)
+        except RuntimeError:  # the loop is closed: the app has ended
+            return
         finally:
             if conn is not None:
-                with anyio.CancelScope(shield=True):
-                    await conn.close()
-        await anyio.sleep(1.0)
+                conn.close()
 
 
 async def _writer_version(db: Database) -> object:

@@ -1197,3 +1197,25 @@ async def test_a_store_hears_other_processes_notifications_but_not_its_own(
         await eventually(theirs_heard)
         tg.cancel_scope.cancel()
     assert heard == [None, "theirs"]
+
+
+async def test_a_sqlite_store_hears_other_connections_commits_but_not_its_own(
+    store: Store, second_store: Store
+) -> None:
+    if store.is_pg:
+        pytest.skip("SQLite's watcher reads data_version; PostgreSQL's listens")
+    heard: list[str | None] = []
+
+    async def woken() -> bool:
+        return bool(heard)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.watch, heard.append)
+        await anyio.sleep(0.1)
+        await submit(store)  # this process's own write: announced in-process
+        await anyio.sleep(0.3)
+        assert heard == []
+        await submit(second_store)  # another process's
+        await eventually(woken)
+        tg.cancel_scope.cancel()
+    assert heard == [None]
