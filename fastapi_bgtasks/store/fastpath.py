@@ -4,9 +4,11 @@ migrations, listings and SQLite; on this path it cost more than the
 statement itself (a pool checkout, a greenlet hop per call, parameter and
 result processing).
 
-The connections are this module's own, a few kept idle and reused. They
-hold no session state (autocommit, no temporary objects, no LISTEN), so a
-connection goes back without a reset; one that failed is closed instead.
+The connections are this module's own: at most the store's pool size at
+once, kept idle and reused. They hold no session state (autocommit, no
+temporary objects, no LISTEN), so a connection goes back without a reset;
+one that failed is closed instead. (A store's submits take one at a time:
+the group commit sends one statement while the next group gathers.)
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::float8
 INSERT_ONE_NOTIFY = f"""
 WITH inserted AS ({INSERT_ONE})
 SELECT inserted.*, pg_notify($13, inserted.task) FROM inserted""".strip()
-_IDLE = 4  # connections kept open between calls
 _CONNECT_TIMEOUT = 10.0
 _COMMAND_TIMEOUT = 15.0  # a hung database answers 503, as on the SQLAlchemy path
 
@@ -88,9 +89,12 @@ def insert_many_args(batch: Sequence[Any]) -> tuple[list[Any], ...]:
 class FastPath:
     """asyncpg connections for the hot statements of one store."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, size: int) -> None:
         self._db = db
         self._idle: list[asyncpg.Connection] = []
+        self._slots = anyio.Semaphore(size)
+        self._size = size
+        self.opened = 0  # connections open now, idle or in use
         self._dsn = db.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     async def close(self) -> None:
@@ -98,42 +102,52 @@ class FastPath:
         for conn in idle:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await conn.close(timeout=2)
+            self.opened -= 1
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """An idle connection or a new one, shielded from cancellation as
         the SQLAlchemy path is (dialect._uncancelled); errors translated."""
+        with anyio.CancelScope(shield=True):
+            async with self._slots, self._checked_out() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _checked_out(self) -> AsyncIterator[asyncpg.Connection]:
         import asyncpg
 
-        with anyio.CancelScope(shield=True):
-            conn = None
-            try:
-                conn = self._idle.pop() if self._idle else await self._connect()
-                yield conn
-            except (
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                OSError,
-                TimeoutError,
-                UnicodeEncodeError,
-            ) as exc:
-                broken, conn = conn, None
-                if broken is not None:
-                    broken.terminate()
-                translated = _translated(self._db, exc)
-                if isinstance(translated, StoreUnavailable):
-                    # The database went away (a restart, a failover): the
-                    # idle connections are as dead as this one.
-                    stale, self._idle = self._idle, []
-                    for idle in stale:
-                        idle.terminate()
-                raise translated from exc
-            finally:
-                if conn is not None:
-                    if len(self._idle) < _IDLE and not conn.is_closed():
-                        self._idle.append(conn)
-                    else:
-                        await conn.close(timeout=2)
+        conn = None
+        try:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            yield conn
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            OSError,
+            TimeoutError,
+            UnicodeEncodeError,
+        ) as exc:
+            broken, conn = conn, None
+            if broken is not None:
+                self._drop(broken)
+            translated = _translated(self._db, exc)
+            if isinstance(translated, StoreUnavailable):
+                # The database went away (a restart, a failover): the idle
+                # connections are as dead as this one.
+                stale, self._idle = self._idle, []
+                for idle in stale:
+                    self._drop(idle)
+            raise translated from exc
+        finally:
+            if conn is not None:
+                if len(self._idle) < self._size and not conn.is_closed():
+                    self._idle.append(conn)
+                else:
+                    self._drop(conn)
+
+    def _drop(self, conn: asyncpg.Connection) -> None:
+        self.opened -= 1
+        conn.terminate()
 
     async def _connect(self) -> asyncpg.Connection:
         import asyncpg
@@ -144,6 +158,7 @@ class FastPath:
             command_timeout=_COMMAND_TIMEOUT,
             server_settings={"application_name": "fastapi_bgtasks"},
         )
+        self.opened += 1
         return conn
 
     async def insert_one(self, params: Any, *, notify: str | None) -> Any:

@@ -33,7 +33,7 @@ class Store:
         self.dialect = self.db.dialect
         self.is_pg = self.db.is_pg
 
-        self._fast = FastPath(self.db) if self.is_pg else None
+        self._fast = FastPath(self.db, pool_size) if self.is_pg else None
         submits = Submits(self.db, self.notify, self._fast)
         self.insert_run = submits.insert_run
         self.insert_runs = submits.insert_runs
@@ -59,6 +59,11 @@ class Store:
         self.next_due = reads.next_due
         self.overdue = reads.overdue
         self.waiting = reads.waiting
+
+    @property
+    def direct_connections(self) -> int:
+        """PostgreSQL connections the submit fast path holds open now."""
+        return self._fast.opened if self._fast is not None else 0
 
     async def open(self) -> None:
         """Create the engines. Connects lazily: opening cannot fail on a down database."""

@@ -66,6 +66,8 @@ def hub_state() -> dict[str, Any]:
         "open_streams": running.wakeups.watched.open,
         "checked_out": sum(counts) if counts and None not in counts else None,
         "pool_size": bg.settings.pool_size,
+        # PostgreSQL connections of the submit fast path (store/fastpath.py).
+        "direct_connections": running.store.direct_connections,
         "max_feeds": bg.settings.max_feeds,
         "max_streams": bg.settings.max_streams,
     }
