@@ -89,8 +89,8 @@ async def _deliveries(
             if time.monotonic() >= deadline or worker_id in wakeups.lost_workers:
                 break
             # Taken before the claim, so a change during it still wakes us.
-            events = [*wakeups.runs_events(tasks), wakeups.worker_event(worker_id)]
-            events += [shutdown, running.closing]
+            events = [*wakeups.runs_events(tasks), shutdown, running.closing]
+            freed = wakeups.worker_event(worker_id)
             nothing_due = False
             try:
                 # Stamped before the claim: the lease cannot be older than this.
@@ -122,7 +122,7 @@ async def _deliveries(
             except StoreUnavailable as exc:
                 log.warning("Feed for %s: %s", worker_id, exc)
                 timeout = min(hub.settings.poll_seconds, 1.0)
-            await _rest(wakeups, worker_id, events, timeout, nothing_due=nothing_due)
+            await _rest(wakeups, worker_id, events, freed, timeout, nothing_due=nothing_due)
         yield ServerSentEvent(data="{}", event="bye")
     finally:
         if unsent:
@@ -163,30 +163,28 @@ async def _rest(
     wakeups: Wakeups,
     worker_id: str,
     events: list[anyio.Event],
+    freed: anyio.Event,
     timeout: float,
     *,
     nothing_due: bool,
 ) -> None:
-    """Wait for any of `events` (`events[-3]` is the worker's freed credit)
-    or `timeout`. When the last claim found nothing due, freed credit alone
-    is no reason to claim again: new runs, a rescue, a retry or a hand-back
-    fire the runs events, and a scheduled run's time is the timeout. A
-    worker's runs trickling in one by one so cost one claim each, not three
-    statements."""
+    """Wait for any of `events` (new runs, shutdown), the worker's `freed`
+    credit, or `timeout`. When the last claim found nothing due, freed
+    credit alone is no reason to claim again: new runs, a rescue, a retry
+    or a hand-back fire the runs events, and a scheduled run's time is the
+    timeout. A worker's runs trickling in one by one so cost one claim
+    each, not three statements."""
     until = time.monotonic() + timeout
     while True:
-        await wait_any(events, until - time.monotonic())
-        freed = events[-3]
-        others = [e for e in events if e is not freed]
+        await wait_any([*events, freed], until - time.monotonic())
         if (
-            not nothing_due
-            or not freed.is_set()
-            or any(e.is_set() for e in others)
+            not (nothing_due and freed.is_set())
+            or any(e.is_set() for e in events)
             or worker_id in wakeups.lost_workers
             or time.monotonic() >= until
         ):
             return
-        events = [*others[:-2], wakeups.worker_event(worker_id), *others[-2:]]
+        freed = wakeups.worker_event(worker_id)  # a fresh one: wait on
 
 
 async def _idle_wait(

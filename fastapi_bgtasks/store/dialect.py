@@ -49,9 +49,12 @@ def safe_url(url: str) -> str:
 
 
 def _sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return state if isinstance(state, str) else None
+    """The SQLSTATE of a driver's error, wrapped by SQLAlchemy or not."""
+    for error in (getattr(exc, "orig", None), exc):
+        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
 
 
 def _is_unavailable(exc: BaseException) -> bool:
@@ -176,15 +179,21 @@ class Database:
             raise StoreUnavailable("The store is not open.")
         return self._writer, self._reader
 
-    def translate(self, exc: BaseException) -> BaseException:
+    def translate(self, exc: BaseException, *, direct: bool = False) -> BaseException:
         """A database error as what it means to the caller: the request's
-        fault (422), a database to retry later (503), or a bug (as it is)."""
-        if _is_bad_value(exc):
+        fault (422), a database to retry later (503), or a bug (as it is).
+        `direct`: raised by asyncpg itself, not through SQLAlchemy
+        (store/fastpath.py): a ValueError is a value asyncpg cannot encode
+        (asyncpg.DataError), and an error without a SQLSTATE is a lost
+        connection."""
+        if _is_bad_value(exc) or (direct and isinstance(exc, ValueError)):
             return InvalidValue(
                 "A value in this request cannot be stored (a NUL character or a value "
                 "out of range)."
             )
-        if not _is_unavailable(exc):
+        state = _sqlstate(exc)
+        lost = direct and (state is None or state.startswith(_UNAVAILABLE_STATES))
+        if not (lost or _is_unavailable(exc)):
             return exc
         return StoreUnavailable(
             f"The task store ({self.display_url}) is unavailable: {type(exc).__name__}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import InvalidValue, StoreUnavailable
+from ..errors import StoreUnavailable
 from ..states import RunState
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class FastPath:
             broken, conn = conn, None
             if broken is not None:
                 self._drop(broken)
-            translated = _translated(self._db, exc)
+            translated = self._db.translate(exc, direct=True)
             if isinstance(translated, StoreUnavailable):
                 # The database went away (a restart, a failover): the idle
                 # connections are as dead as this one.
@@ -172,22 +172,3 @@ class FastPath:
         """Several runs in one statement, all or none."""
         async with self.connection() as conn:
             return list(await conn.fetch(INSERT_MANY, *insert_many_args(batch)))
-
-
-def _translated(db: Database, exc: BaseException) -> BaseException:
-    """As dialect.Database.translate, for asyncpg's own errors."""
-    import asyncpg
-
-    state = getattr(exc, "sqlstate", None)
-    # DataError: a value the driver cannot encode (an integer out of range).
-    bad = isinstance(exc, UnicodeEncodeError | asyncpg.DataError)
-    if bad or (isinstance(state, str) and state.startswith("22")):
-        return InvalidValue(
-            "A value in this request cannot be stored (a NUL character or a value out of range)."
-        )
-    unavailable = ("08", "53300", "57P01", "57P02", "57P03", "40001", "40P01")
-    if isinstance(state, str) and not state.startswith(unavailable):
-        return exc  # a bug: as it is
-    return StoreUnavailable(
-        f"The task store ({db.display_url}) is unavailable: {type(exc).__name__}"
-    )

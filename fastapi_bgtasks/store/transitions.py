@@ -151,26 +151,13 @@ class Transitions:
         cached = self._claims.get(tasks)
         if cached is not None:
             return cached
-        now = sa.bindparam("now", type_=sa.DateTime(timezone=True))
-        held = (
-            sa.select(sa.func.count())
-            .select_from(runs)
-            .where(runs.c.worker_id == sa.bindparam("worker"), ACTIVE)
-            .scalar_subquery()
-        )
+        held = self._held.scalar_subquery()
         free = sa.func.max(0, sa.bindparam("slots", type_=sa.Integer) - held)
         # At most `share` (the slots when one feed serves the tasks).
         credit = sa.func.min(free, sa.bindparam("share", type_=sa.Integer))
-        # A run rejected by a worker with this one's key for the task (the
-        # same signature, or the same worker) would be rejected again.
         branches = [
             sa.select(runs.c.id, runs.c.priority, runs.c.scheduled_at)
-            .where(
-                moves(Event.CLAIM),
-                runs.c.task == task,
-                runs.c.scheduled_at <= now,
-                runs.c.rejected_by.is_distinct_from(sa.bindparam(f"key{i}", type_=sa.String)),
-            )
+            .where(*_claimable(i, task))
             .order_by(runs.c.priority.desc(), runs.c.scheduled_at)
             .limit(credit)
             for i, task in enumerate(tasks)
@@ -193,7 +180,7 @@ class Transitions:
                 worker_id=sa.bindparam("worker"),
                 lease_token=sa.bindparam("token"),
                 lease_expires_at=sa.bindparam("expires", type_=sa.DateTime(timezone=True)),
-                updated_at=now,
+                updated_at=sa.bindparam("now", type_=sa.DateTime(timezone=True)),
                 reason=None,
             )
             .returning(*DELIVERY)
@@ -316,19 +303,26 @@ class Transitions:
             return [(r.id, r.state, workers.get(r.id)) for r in reaped]
 
 
+def _claimable(i: int, task: str) -> tuple[Any, ...]:
+    """SQLite: what makes a run of `task` claimable now by this worker. A
+    run rejected by a worker with this one's key for the task (`:key<i>`:
+    the same signature, or the same worker) would be rejected again."""
+    now = sa.bindparam("now", type_=sa.DateTime(timezone=True))
+    return (
+        moves(Event.CLAIM),
+        runs.c.task == task,
+        runs.c.scheduled_at <= now,
+        runs.c.rejected_by.is_distinct_from(sa.bindparam(f"key{i}", type_=sa.String)),
+    )
+
+
 def _due_count(tasks: tuple[str, ...]) -> Any:
     """SQLite: the runs of `tasks` a claim could take now, counted up to
     `cap` per task (the keys as in the claim)."""
-    now = sa.bindparam("now", type_=sa.DateTime(timezone=True))
     branches = [
         sa.select(sa.literal(1).label("one"))
         .select_from(runs)
-        .where(
-            moves(Event.CLAIM),
-            runs.c.task == task,
-            runs.c.scheduled_at <= now,
-            runs.c.rejected_by.is_distinct_from(sa.bindparam(f"key{i}", type_=sa.String)),
-        )
+        .where(*_claimable(i, task))
         .limit(sa.bindparam("cap", type_=sa.Integer))
         .subquery()
         for i, task in enumerate(tasks)
